@@ -1,0 +1,187 @@
+"""Frozen latent-diffusion backbones: UNet, VAE, prompt encoder and noise schedule.
+
+Two builders share one container:
+
+* :func:`load_pretrained` — SD 2.1-base (or any SD-layout diffusers folder / hub id) through diffusers'
+  ``from_pretrained``; fails at once, with what to download and where to point ``backbone.path``, when
+  the weights are not reachable (no retry loops).
+* :func:`build_tiny` — the same diffusers classes from small configs with seeded random weights: the
+  offline embedded default. Its results mean "the pipeline runs", never "the method works".
+
+The latent scale is read from the VAE config (0.18215 for SD 2.x), never hard-coded (methods.md).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from sr_lab.models.text import PromptEncoder, hf_clip_tokenizer, open_clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class BackboneUnavailable(RuntimeError):
+    """Pretrained weights could not be found locally nor fetched."""
+
+
+class Backbone(nn.Module):
+    """Container of the frozen parts of a latent diffusion model.
+
+    ``alphas_cumprod`` (float64, length T) is the training noise schedule, taken from the
+    checkpoint's scheduler config (SD: "scaled_linear" betas 0.00085 -> 0.012, T = 1000).
+    """
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, prompt_encoder: PromptEncoder,
+                 alphas_cumprod: torch.Tensor, name: str = "backbone"):
+        super().__init__()
+        self.name = name
+        self.unet = unet
+        self.vae = vae
+        self.prompt_encoder = prompt_encoder
+        self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64), persistent=False)
+        self.latent_scale = float(vae.config.scaling_factor)
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self.freeze()
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def freeze(self) -> None:
+        for module in (self.unet, self.vae, self.prompt_encoder):
+            module.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True):  # frozen parts never leave eval mode
+        return super().train(False)
+
+    # -- VAE -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, image01: torch.Tensor, generator: torch.Generator | None = None,
+               sample: bool = False) -> torch.Tensor:
+        """Image in [0, 1] -> scaled latent. ``sample`` draws from the posterior (LDM's HR latents);
+        otherwise its mode (CCSR's LR condition encoder uses the mode)."""
+        x = image01.to(self.vae.dtype) * 2 - 1
+        dist = self.vae.encode(x).latent_dist
+        z = dist.sample(generator=generator) if sample else dist.mode()
+        return z.float() * self.latent_scale
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Scaled latent -> image in [0, 1] (clamped)."""
+        x = self.vae.decode(latent.to(self.vae.dtype) / self.latent_scale).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def prompt_embedding(self, prompt: str, batch: int) -> torch.Tensor:
+        """Context for ``prompt`` repeated ``batch`` times; each prompt is encoded once and cached
+        (StableSR and CCSR always use the empty prompt)."""
+        device = self.alphas_cumprod.device
+        emb = self._prompt_cache.get(prompt)
+        if emb is None or emb.device != device:
+            emb = self.prompt_encoder([prompt]).detach()
+            self._prompt_cache[prompt] = emb
+        return emb.expand(batch, -1, -1)
+
+
+def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def build_tiny(seed: int = 0, dtype: str = "float32", channels: Sequence[int] = (32, 64, 64),
+               cross_attention_dim: int = 32, num_train_timesteps: int = 1000,
+               beta_start: float = 0.00085, beta_end: float = 0.012) -> Backbone:
+    """SD-shaped UNet/VAE/text encoder from small configs, random weights from ``seed``, offline."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    ch = tuple(int(c) for c in channels)
+    n = len(ch)
+    unet = _seeded(seed, lambda: UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=ch,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8,
+        use_linear_projection=True))
+    vae = _seeded(seed + 1, lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215, sample_size=128))
+    text = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=0)))
+    sched = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
+                          beta_end=beta_end, beta_schedule="scaled_linear")
+    bb = Backbone(unet, vae, PromptEncoder(open_clip_tokenizer(77), text), sched.alphas_cumprod,
+                  name="tiny")
+    return bb.to(DTYPES[dtype])
+
+
+def looks_like_local_path(path: str) -> bool:
+    """A hub id is ``owner/name``; anything absolute, relative-dotted, ``~`` or existing is local."""
+    p = str(path)
+    return p.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(p)) or p.count("/") != 1
+
+
+def missing_subfolders(path: str | Path) -> list[str]:
+    root = Path(path).expanduser()
+    return [s for s in SD_SUBFOLDERS if not (root / s).is_dir()]
+
+
+def load_pretrained(path: str, dtype: str = "float32", local_files_only: bool | None = None,
+                    name: str = "sd21_base") -> Backbone:
+    """Load an SD-layout diffusers checkpoint (SD 2.1-base: ``stabilityai/stable-diffusion-2-1-base``).
+
+    ``path`` is a local folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/ subfolders or a hub
+    id. A hub id is looked up in the local Hugging Face cache first; the hub is contacted only when
+    ``local_files_only`` is False (default: False unless ``HF_HUB_OFFLINE=1``), with short timeouts.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    how_to = (f"Download an SD 2.1-base diffusers folder (e.g. `huggingface-cli download "
+              f"stabilityai/stable-diffusion-2-1-base --local-dir /path/sd21-base` on a machine with "
+              f"network access) and set backbone.path=/path/sd21-base")
+    if looks_like_local_path(path):
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise BackboneUnavailable(f"backbone.path={path}: folder not found. {how_to}")
+        missing = missing_subfolders(root)
+        if missing:
+            raise BackboneUnavailable(f"backbone.path={path}: missing subfolder(s) {missing}. {how_to}")
+        kwargs = {"local_files_only": True}
+        src = str(root)
+    else:
+        if local_files_only is None:
+            local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+        kwargs = {"local_files_only": local_files_only}
+        src = path
+    torch_dtype = DTYPES[dtype]
+    try:
+        scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=torch_dtype, **kwargs)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=torch_dtype, **kwargs)
+        text = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=torch_dtype, **kwargs)
+        tokenize = hf_clip_tokenizer(src, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:  # hub/cache errors are OSError subclasses
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackboneUnavailable(f"backbone.path={path}: could not load weights ({first}). {how_to}") from exc
+    if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+        raise BackboneUnavailable(f"backbone.path={path}: prediction_type="
+                                  f"{scheduler.config.prediction_type}; sr_lab stages expect eps-prediction "
+                                  f"(SD 2.1-base, not the 768-v model)")
+    return Backbone(unet, vae, PromptEncoder(tokenize, text), scheduler.alphas_cumprod, name=name)
