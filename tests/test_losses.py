@@ -38,7 +38,7 @@ def test_eps_loss_by_hand():
     x, a = x0.numpy(), abar.numpy()[t.numpy()].reshape(2, 1, 1, 1)
     xt = np.sqrt(a) * x + np.sqrt(1 - a) * n
     want = np.mean((0.8 * xt + 0.1 - n) ** 2)
-    assert float(got) == pytest.approx(want, rel=1e-6)
+    assert got.item() == pytest.approx(want, rel=1e-6)
 
 
 def test_nutl_anchor_part_by_hand():

@@ -126,10 +126,14 @@ class USMSharp(nn.Module):
     def __init__(self, radius: int = 50, weight: float = 0.5, threshold: float = 10):
         super().__init__()
         ksize = radius + 1 if radius % 2 == 0 else radius
+        self.ksize = ksize
         self.weight = float(weight)
         self.threshold = float(threshold)
         self.register_buffer("kernel_1d", opencv_gaussian_kernel1d(ksize), persistent=False)
 
     def forward(self, img: Tensor) -> Tensor:
         """Sharpen ``img`` (B, C, H, W) in [0, 1]; see :func:`usm_sharp`."""
-        return usm_sharp(img, weight=self.weight, threshold=self.threshold, kernel_1d=self.kernel_1d.to(img.device))
+        kernel = self.kernel_1d
+        if kernel.device != img.device:  # module not moved: build on the image's device (no host copy)
+            kernel = opencv_gaussian_kernel1d(self.ksize, device=img.device)
+        return usm_sharp(img, weight=self.weight, threshold=self.threshold, kernel_1d=kernel)

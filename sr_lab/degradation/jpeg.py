@@ -145,7 +145,7 @@ def _dct_kron(device, dtype) -> Tensor:
 
 
 def block_dct(blocks: Tensor) -> Tensor:
-    """Orthonormal 2-D DCT ``D @ X @ D.T`` of the trailing 8x8 dims (JPEG forward DCT, no -128 shift).
+    """Orthonormal 2-D DCT ``D @ X @ D.T`` of the trailing 8x8 dims (JPEG forward DCT, no -128 shift; spec §1.6).
 
     Computed as one (N, 64) x (64, 64) matrix product for speed.
     """
@@ -154,7 +154,7 @@ def block_dct(blocks: Tensor) -> Tensor:
 
 
 def block_idct(coeffs: Tensor) -> Tensor:
-    """Inverse of :func:`block_dct` (``D.T @ F @ D``)."""
+    """Inverse of :func:`block_dct` (``D.T @ F @ D``), JPEG 8x8 IDCT as in BasicSR DiffJPEG (spec §1.6)."""
     k = _dct_kron(coeffs.device, coeffs.dtype)
     return (coeffs.reshape(-1, 64) @ k).reshape(coeffs.shape)
 

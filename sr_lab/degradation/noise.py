@@ -88,7 +88,7 @@ def poisson_vals(n_unique: Tensor) -> Tensor:
 
 
 def rgb_to_gray(img: Tensor) -> Tensor:
-    """Luminance ``0.2989 R + 0.587 G + 0.114 B`` (torchvision ``rgb_to_grayscale``), (B, 1, H, W)."""
+    """Luminance ``0.2989 R + 0.587 G + 0.114 B`` (torchvision ``rgb_to_grayscale``, used by BasicSR's gray Poisson noise; spec §1.3), (B, 1, H, W)."""
     r, g, b = img.unbind(dim=1)
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 

@@ -6,7 +6,6 @@ StableSR and CCSR; spec §1.2-1.4 (parameters), §1.3 steps 0-9 (order).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -28,7 +27,7 @@ _N_CHOICE_DRAWS = 12
 
 @dataclass(frozen=True)
 class StageChoice:
-    """Decisions that the reference draws once per batch (spec §1.4); one per sample if ``per_sample``."""
+    """Decisions that Real-ESRGAN/BasicSR draws once per batch (spec §1.4); one per sample if ``per_sample``."""
 
     no_degradation: bool
     resize1: float
@@ -44,7 +43,7 @@ class StageChoice:
 
 @dataclass(frozen=True)
 class DegradationParams:
-    """Everything random about one call of :class:`RealESRGANDegradation` except the noise maps.
+    """Everything random about one call of :class:`RealESRGANDegradation` except the noise maps (spec §1.2-1.4).
 
     Per-sample (B,) tensors / (B, 21, 21) kernels, plus ``choices``: one :class:`StageChoice` shared
     by the batch (reference behaviour) or one per sample (``per_sample=True``).
