@@ -17,7 +17,7 @@ help: ## list targets
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev,metrics]"
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install sr_lab with its dependencies (editable)
