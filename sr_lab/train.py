@@ -92,13 +92,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     out_dir.mkdir(parents=True, exist_ok=True)
     inst = hydra.utils.instantiate
 
-    # cheap components first: degradation, data (probes the folders), loss
+    # cheap components first: degradation and data (probes the folders), then the trainer
     degradation = inst(cfg.degradation)
     datamodule = inst(cfg.data, degradation=degradation)
     datamodule.setup("fit")
-    loss = inst(cfg.loss)
-    n_parts = len(loss.parts())
-    steps_per_iter = n_parts if cfg.optim.mode == "alternate" else 1
 
     loggers = build_loggers(cfg)
     status = "failed"
@@ -109,28 +106,30 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         seed_everything(int(cfg.seed), workers=True)
         callbacks = [inst(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-        for cb in callbacks:
-            if type(cb).__name__ == "ModelCheckpoint":
-                cb._every_n_train_steps = int(cfg.train.ckpt_every) * steps_per_iter
         trainer = inst(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                       plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir), _convert_="object",
-                       max_steps=int(cfg.train.iterations) * steps_per_iter)
+                       plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir), _convert_="object")
         world = trainer.world_size
         per_step = int(cfg.data.batch_size) * world
         if cfg.train.total_batch_size % per_step:
             raise ConfigError(f"train.total_batch_size={cfg.train.total_batch_size} is not a multiple of "
                               f"data.batch_size x world size = {cfg.data.batch_size} x {world}")
         accumulate = cfg.train.total_batch_size // per_step
-        trainer.val_check_interval = int(cfg.train.val_every) * accumulate
+
+        # the stage: one instantiate; the module config pulls backbone/adapter/loss/sampler in
+        module = inst(cfg.module)
+        module.accumulate = accumulate
+        module.run_config = OmegaConf.to_container(cfg, resolve=True)  # stored in checkpoints
+        steps_per_iter = module.optimizer_steps_per_iteration
+        trainer.fit_loop.epoch_loop.max_steps = int(cfg.train.iterations) * steps_per_iter
+        trainer.val_check_interval = int(cfg.train.val_every) * accumulate  # in batches
         trainer.check_val_every_n_epoch = None
         trainer.log_every_n_steps = int(cfg.train.log_every) * accumulate
-
-        backbone = inst(cfg.backbone)
-        module = inst(cfg.module, backbone=backbone, adapter=inst(cfg.adapter), loss=loss,
-                      sampler=inst(cfg.sampler), accumulate=accumulate)
-        module.run_config = OmegaConf.to_container(cfg, resolve=True)  # stored in checkpoints
-        log.info("task=%s backbone=%s trainable=%.2fM params accumulate=%d world=%d", cfg.task_name,
-                 backbone.name, sum(p.numel() for p in module.trainable_parameters()) / 1e6, accumulate, world)
+        for cb in callbacks:
+            if type(cb).__name__ == "ModelCheckpoint":
+                cb._every_n_train_steps = int(cfg.train.ckpt_every) * steps_per_iter
+        log.info("task=%s module=%s trainable=%.2fM params accumulate=%d world=%d", cfg.task_name,
+                 type(module).__name__, sum(p.numel() for p in module.trainable_parameters()) / 1e6,
+                 accumulate, world)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         if trainer.is_global_zero:

@@ -20,9 +20,7 @@ def test_preset_composes_validates_and_instantiates(name, tmp_path, tiny_backbon
     deg = inst(cfg.degradation)
     dm = inst(cfg.data, degradation=deg)
     dm.setup("fit")
-    loss = inst(cfg.loss)
-    module = inst(cfg.module, backbone=tiny_backbone, adapter=inst(cfg.adapter), loss=loss,
-                  sampler=inst(cfg.sampler), accumulate=1)
+    module = inst(cfg.module, backbone=tiny_backbone)  # the shared tiny backbone replaces backbone=${backbone}
     assert module.trainable_parameters(), "a stage must train something"
     assert all(not p.requires_grad for p in tiny_backbone.parameters())
 

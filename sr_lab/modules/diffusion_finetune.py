@@ -69,10 +69,17 @@ class DiffusionAdapterFinetune(pl.LightningModule):
         """model(x, t, cond) -> ε̂: the frozen UNet steered by the adapter."""
         return self.adapter(self.backbone.unet, x, t, cond["context"], cond).float()
 
-    def make_condition(self, lr: torch.Tensor, hr_size: tuple[int, int]) -> dict:
+    def make_condition(self, lr: torch.Tensor, hr_size: tuple[int, int], prompt: str | None = None) -> dict:
+        """Adapter conditioning for LR images in [0, 1] plus ``context``, the embedding of ``prompt``
+        (default: the stage's prompt; CFG passes the negative prompt). Tensors in the dict whose last
+        two dims equal the latent's are spatial (tiling crops them); ``context`` is not."""
         cond = self.adapter.condition(self.backbone, lr, hr_size)
-        cond["context"] = self.backbone.prompt_embedding(self.prompt, lr.shape[0])
+        cond["context"] = self.backbone.prompt_embedding(self.prompt if prompt is None else prompt, lr.shape[0])
         return cond
+
+    def decode_latent(self, latent: torch.Tensor, lr: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent -> SR image in [0, 1]. Decoder stages (CFW, CCSR stage 2) provide their own."""
+        return self.backbone.decode(latent)
 
     @property
     def n_parts(self) -> int:
@@ -150,7 +157,7 @@ class DiffusionAdapterFinetune(pl.LightningModule):
         shape = (lr.shape[0], self.backbone.unet.config.in_channels, hr_size[0] // f, hr_size[1] // f)
         noise = torch.randn(shape, generator=generator, device=generator.device).to(lr.device)
         x0 = self.sampler(self.denoise, noise, cond, self.backbone.alphas_cumprod, generator=generator)
-        return self.backbone.decode(x0)
+        return self.decode_latent(x0, lr)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         hr, lr = batch["hr"], batch["lr"]
