@@ -9,7 +9,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow bench-degradation lint clean
+.PHONY: help install train infer eval testset collect test test-slow bench-degradation bench-inference lint clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -25,6 +25,18 @@ install: $(STAMP) ## create .venv and install sr_lab with its dependencies (edit
 train: $(STAMP) ## train a preset: make train EXP=ccsr_stage1 ARGS="trainer=gpu ..."
 	$(BIN)/sr-train experiment=$(EXP) $(ARGS)
 
+infer: $(STAMP) ## super-resolve images: make infer ARGS="checkpoint=<run>/export input=<img|dir> output_dir=<dir>"
+	$(BIN)/python -m sr_lab.inference.run $(ARGS)
+
+eval: $(STAMP) ## score SR vs HR (+ inference with N seeds): make eval ARGS="sr_dir=<dir> hr_dir=<dir>" (conf/eval.yaml)
+	$(BIN)/python -m sr_lab.eval.run $(ARGS)
+
+testset: $(STAMP) ## synthetic HR/LR test set: make testset ARGS="hr_dirs=<dir> degradation=stablesr|bsrgan out_dir=<dir>"
+	$(BIN)/python -m sr_lab.eval.testset $(ARGS)
+
+collect: $(STAMP) ## collect an eval sweep into a table + perception-distortion plot: make collect DIR=multirun/eval/<date>
+	$(BIN)/python -m sr_lab.eval.collect $(DIR) $(ARGS)
+
 test: $(STAMP) ## run the test suite (CPU, no downloads; slow tests excluded)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
@@ -33,6 +45,9 @@ test-slow: $(STAMP) ## run only the tests marked slow
 
 bench-degradation: $(STAMP) ## print degradation pairs/s (batch 16, 512 crops) on this machine's device
 	$(BIN)/python benchmarks/degradation.py $(ARGS)
+
+bench-inference: $(STAMP) ## print s/image, peak memory and seed batching speed for 128->512 (tiny or --checkpoint)
+	$(BIN)/python benchmarks/inference.py $(ARGS)
 
 clean: ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache

@@ -130,10 +130,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("task=%s module=%s trainable=%.2fM params accumulate=%d world=%d", cfg.task_name,
                  type(module).__name__, sum(p.numel() for p in module.trainable_parameters()) / 1e6,
                  accumulate, world)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        fit = cfg.get("run_mode", "fit") == "fit"
+        if fit:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        else:  # run_mode=predict: the stage's predict_step writes its outputs (e.g. latent records)
+            trainer.predict(module, datamodule=datamodule, return_predictions=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         if trainer.is_global_zero:
-            if cfg.train.export_weights:
+            if cfg.train.export_weights and fit:
                 path = export_trainable(module, out_dir / "export", cfg)
                 log.info("trainable weights: %s", path)
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

@@ -110,8 +110,13 @@ def validate_config(cfg: DictConfig) -> None:
             if missing:
                 raise ConfigError(f"backbone.path={path} lacks subfolder(s) {missing} of a diffusers SD checkpoint")
 
+    from sr_lab.config.stages import is_records_data, validate_stage_keys
+
+    validate_stage_keys(cfg, ConfigError)  # run_mode, stage1, decoder-GAN and latent-record keys
     dirs = _get(cfg, "data.hr_dirs")
-    if dirs is not None:
+    if is_records_data(cfg):
+        pass  # latent records (stablesr_cfw): checked by validate_stage_keys, no HR folder to probe
+    elif dirs is not None:
         for d in [dirs] if isinstance(dirs, str) else list(dirs):
             if not Path(str(d)).expanduser().is_dir():
                 raise ConfigError(f"data.hr_dirs: folder {d} does not exist")

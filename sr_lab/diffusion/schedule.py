@@ -36,7 +36,17 @@ def eps_from_x0(alphas_cumprod: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like ``x`` drawn from ``generator`` (on the generator's device)."""
+def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``x`` drawn from ``generator`` (on the generator's device).
+
+    ``generator`` may also be a sequence of k generators, k dividing the batch: generator i draws the
+    rows [i B/k, (i+1) B/k) (inference runs several seeds in one batch this way; each seed's noise
+    stream is then the same batched or alone)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        gens = list(generator)
+        if not gens or x.shape[0] % len(gens):
+            raise ValueError(f"{len(gens)} generators cannot split a batch of {x.shape[0]}")
+        n = x.shape[0] // len(gens)
+        return torch.cat([randn_like(x[i * n:(i + 1) * n], g) for i, g in enumerate(gens)])
     dev = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=dev, dtype=torch.float32).to(x.device, x.dtype)

@@ -18,6 +18,11 @@ Gradient accumulation is done here (``accumulate`` micro-batches per iteration) 
 alternate mode each part's gradients are kept apart and the optimizers step in turn at the end of
 the iteration.
 
+Under DDP the reducer is switched off (``require_backward_grad_sync = False``, what ``no_sync`` does)
+and the trainable gradients are all-reduced by hand right before each optimizer step: DDP's reducer
+expects one backward per forward, while alternate mode and accumulation make several. FSDP shards gradients, so it supports ``optimizer_mode="combined"`` with
+``accumulate == 1`` only (checked when training starts).
+
 Checkpoints hold only trainable tensors (``on_save_checkpoint``); the frozen backbone is rebuilt from
 its source. All randomness (HR latent sampling, timesteps, noise) comes from generators derived from
 (seed, micro-batch counter, rank), so a resumed run repeats an uninterrupted one exactly.
@@ -99,7 +104,46 @@ class DiffusionAdapterFinetune(pl.LightningModule):
         return [torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, betas=self.betas,
                                   weight_decay=self.weight_decay) for _ in range(n)]
 
+    def on_train_start(self) -> None:
+        name = type(self.trainer.strategy).__name__ if self.trainer is not None else ""
+        if "FSDP" in name and (self.optimizer_mode != "combined" or self.accumulate != 1):
+            raise ValueError("FSDP trains with optim.mode=combined and no accumulation "
+                             "(train.total_batch_size = data.batch_size x world size); use trainer=ddp otherwise")
+        if self._ddp():
+            self.trainer.strategy.model.require_backward_grad_sync = False  # we all-reduce in _step
+
+    def _ddp(self) -> bool:
+        return self.trainer is not None and type(self.trainer.strategy).__name__.startswith("DDP") \
+            and self.trainer.world_size > 1
+
+    def on_train_end(self) -> None:
+        if self._ddp():  # manual gradient sync: prove the replicas ended identical
+            flat = torch.cat([p.detach().float().reshape(-1) for p in self.trainable_parameters()])
+            digest = torch.stack([flat.sum(), flat.square().sum()])
+            gathered = self.all_gather(digest)
+            if not torch.allclose(gathered, gathered[0:1].expand_as(gathered), rtol=1e-6, atol=0):
+                raise RuntimeError(f"DDP replicas diverged: per-rank weight digests {gathered.tolist()}")
+            log.info("DDP replicas in sync (weight digest %s)", digest.tolist())
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.manual_backward(loss)
+
+    def _all_reduce_grads(self) -> None:
+        """Average trainable gradients over ranks (one flat all-reduce)."""
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.trainer.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def _step(self, opt) -> None:
+        if self._ddp():
+            self._all_reduce_grads()
         if self.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
@@ -129,13 +173,13 @@ class DiffusionAdapterFinetune(pl.LightningModule):
             if alternate:
                 if self.accumulate > 1:
                     self._swap_grads(i)  # bring back part i's accumulated grads
-                self.manual_backward(sum(values.values()) / self.accumulate)
+                self._backward(sum(values.values()) / self.accumulate)
                 if self.accumulate == 1:
                     self._step(opts[i])  # authors: part i+1 sees the weights after part i's step
                 else:
                     self._swap_grads(i)
             else:
-                self.manual_backward(sum(values.values()) / self.accumulate)
+                self._backward(sum(values.values()) / self.accumulate)
         if last_micro and not (alternate and self.accumulate == 1):
             for i, opt in enumerate(opts):
                 if alternate:

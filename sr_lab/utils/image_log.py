@@ -33,7 +33,9 @@ def log_image(trainer, key: str, image: np.ndarray, caption: str = "") -> Path |
     step = trainer.global_step
     path = None
     if trainer.is_global_zero:
-        root = Path(trainer.log_dir or trainer.default_root_dir) / "images"
+        # not trainer.log_dir: under DDP that is a collective broadcast and would deadlock here
+        log_dir = next((lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)), None)
+        root = Path(log_dir or trainer.default_root_dir) / "images"
         root.mkdir(parents=True, exist_ok=True)
         path = root / f"{key.replace('/', '_')}_step{step:07d}.png"
         Image.fromarray(image).save(path)

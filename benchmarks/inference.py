@@ -1,0 +1,145 @@
+"""Inference speed of the SR pipeline (sr_lab.inference.SRPipeline), 128 -> 512 (x4) by default.
+
+Prints two lines, e.g.
+
+    inference <stage> 128->512 sampler=ccsr_truncated steps=45 (16 model calls) device=cpu (<cpu>) torch=2.x: X.XX s/image, peak memory Y MiB (process RSS)
+    inference seeds N=10 128->512 device=cpu: batched X.X s (Y.YY s/seed), one by one Z.Z s (W.WW s/seed), x1.NN
+
+Default stage: CCSR stage 1 on the tiny random backbone (untrained ControlNet; speed only). Use
+``--checkpoint <run>/export`` (or a .ckpt) for a trained stage, e.g. on SD 2.1-base. Runs on CUDA when
+available (peak memory = torch.cuda.max_memory_allocated), else CPU (peak memory = the process's
+peak resident set size, model weights included).
+
+Usage: python benchmarks/inference.py [--checkpoint PATH] [--sampler ccsr_truncated|ddpm_spaced|ddim]
+       [--steps N] [--size 128] [--upscale 4] [--seeds 10] [--iters 2] [--device cuda|cpu] [--precision 32|bf16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process RSS"
+
+
+def build_default_stage(device: torch.device):
+    """CCSR stage 1 on the tiny backbone from the training config (random ControlNet)."""
+    import hydra
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf"), job_name="bench"):
+        cfg = compose(config_name="train", overrides=["experiment=ccsr_stage1", "paths.output_dir=/tmp"])
+    stage = hydra.utils.instantiate(cfg.module).eval().requires_grad_(False).to(device)
+    return stage, cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=None, help="export folder or .ckpt (default: tiny CCSR stage 1)")
+    ap.add_argument("--sampler", default=None, help="sampler option in conf/sampler (default: the stage's)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--size", type=int, default=128, help="LR side in pixels")
+    ap.add_argument("--upscale", type=int, default=4)
+    ap.add_argument("--seeds", type=int, default=10, help="N seeds for the batched vs one-by-one line")
+    ap.add_argument("--iters", type=int, default=2, help="timed single-image runs (after one warm-up)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="32", choices=["32", "bf16"])
+    args = ap.parse_args()
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    from sr_lab.inference import SRPipeline, load_stage
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = torch.device(args.device)
+    if args.checkpoint:
+        stage, cfg = load_stage(args.checkpoint, device)
+        name = str(cfg.get("task_name", Path(args.checkpoint).name))
+    else:
+        stage, cfg = build_default_stage(device)
+        name = "ccsr_stage1(tiny, untrained)"
+    if args.sampler:
+        scfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sampler" / f"{args.sampler}.yaml"))
+    else:
+        scfg = OmegaConf.to_container(cfg.sampler, resolve=True)
+    if args.steps is not None:
+        scfg["steps"] = args.steps
+    sampler = hydra.utils.instantiate(scfg)
+    calls = []
+
+    def counting(model, noise, cond, abar, **kw):
+        def m(x, t, c):
+            calls.append(1)
+            return model(x, t, c)
+        return sampler(m, noise, cond, abar, **kw)
+
+    pipe = SRPipeline(stage, counting, upscale=args.upscale, precision=args.precision)
+    g = torch.Generator().manual_seed(0)
+    lr = torch.rand(1, 3, args.size, args.size, generator=g)
+    out_side = args.size * args.upscale
+    sname = scfg["_target_"].rsplit(".", 2)[-2]
+
+    pipe(lr, [0])  # warm-up
+    calls.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(args.iters):
+        pipe(lr, [i])
+    sync(device)
+    per_image = (time.perf_counter() - t0) / args.iters
+    n_calls = len(calls) // args.iters
+    mem, mem_kind = peak_memory_mib(device)
+    print(f"inference {name} {args.size}->{out_side} sampler={sname} steps={scfg.get('steps')} ({n_calls} model calls) "
+          f"precision={args.precision} device={device.type} ({device_name(device)}) torch={torch.__version__}: "
+          f"{per_image:.2f} s/image, peak memory {mem:.0f} MiB ({mem_kind})")
+
+    seeds = list(range(args.seeds))
+    sync(device)
+    t0 = time.perf_counter()
+    batched = pipe(lr, seeds)
+    sync(device)
+    t_batched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    single = torch.cat([pipe(lr, [s]) for s in seeds])
+    sync(device)
+    t_single = time.perf_counter() - t0
+    diff = float((batched - single).abs().max())
+    print(f"inference seeds N={args.seeds} {args.size}->{out_side} device={device.type}: batched {t_batched:.1f} s "
+          f"({t_batched / args.seeds:.2f} s/seed), one by one {t_single:.1f} s ({t_single / args.seeds:.2f} s/seed), "
+          f"x{t_single / t_batched:.2f}; max |batched - single| = {diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()

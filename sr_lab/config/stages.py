@@ -1,0 +1,142 @@
+"""Config checks for the chained stages (StableSR latents / CFW, CCSR stage 2) and ``run_mode``.
+
+Called by :func:`sr_lab.config.validation.validate_config`; every failure is a one-line
+:class:`~sr_lab.config.validation.ConfigError` naming the key, raised before any model is built:
+
+* ``run_mode`` is ``fit`` or ``predict`` (a predict stage cannot resume from ``ckpt_path``: it resumes
+  by skipping the shards it already wrote);
+* ``stage1`` — required (and must be an export folder, its ``trainable.safetensors`` or a ``.ckpt``)
+  when the module reads it;
+* decoder stages: ``module.decoder.w`` / ``train_w`` in [0, 1], ``module.disc_start`` >= 0,
+  ``module.disc_weight`` >= 0; the LPIPS weights exist, or ``perceptual.allow_random_init`` is set on
+  the ``tiny`` backbone (never with a real one);
+* latent records: ``records.shard_size`` a multiple of ``data.batch_size``; the CFW stage's
+  ``records.dir`` holds shards.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+RUN_MODES = ("fit", "predict")
+
+
+def _raw(cfg: DictConfig, key: str) -> Any:
+    node = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=False)
+    return node
+
+
+def _mentions(container: Any, needle: str) -> bool:
+    if isinstance(container, dict):
+        return any(_mentions(v, needle) for v in container.values())
+    if isinstance(container, list):
+        return any(_mentions(v, needle) for v in container)
+    return isinstance(container, str) and needle in container
+
+
+def _is_tiny(cfg: DictConfig) -> bool:
+    return str(OmegaConf.select(cfg, "backbone._target_", default="")).endswith("build_tiny")
+
+
+def is_records_data(cfg: DictConfig) -> bool:
+    """The data module reads latent records (no HR folders to probe)."""
+    return str(OmegaConf.select(cfg, "data._target_", default="")).endswith("LatentRecordsDataModule")
+
+
+def validate_stage_keys(cfg: DictConfig, error: type[Exception]) -> None:
+    mode = OmegaConf.select(cfg, "run_mode", default="fit")
+    if mode not in RUN_MODES:
+        raise error(f"run_mode={mode} must be one of {list(RUN_MODES)}")
+    if mode == "predict" and OmegaConf.select(cfg, "ckpt_path", default=None) is not None:
+        raise error("ckpt_path is not used by run_mode=predict (it resumes by skipping the shards already written)")
+
+    module = _raw(cfg, "module") or {}
+    if _mentions(module, "${stage1}"):
+        stage1 = OmegaConf.select(cfg, "stage1", default=None)
+        if stage1 in (None, "", "???"):
+            raise error("stage1 is required: the export folder (or .ckpt) of the trained stage-1 run, "
+                        "e.g. stage1=outputs/<stage1 task>/<date>/export")
+        from sr_lab.modules.stage_io import describe_stage_path
+
+        reason = describe_stage_path(stage1)
+        if reason:
+            raise error(f"stage1={stage1}: {reason}")
+
+    decoder = module.get("decoder") if isinstance(module, dict) else None
+    if isinstance(decoder, dict):
+        for key in ("w", "train_w"):
+            v = OmegaConf.select(cfg, f"module.decoder.{key}", default=None)
+            if v is not None and not (isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0):
+                raise error(f"module.decoder.{key}={v} must be in [0, 1]")
+        start = OmegaConf.select(cfg, "module.disc_start", default=0)
+        if not isinstance(start, int) or start < 0:
+            raise error(f"module.disc_start={start} must be an integer >= 0 (iterations)")
+        dw = OmegaConf.select(cfg, "module.disc_weight", default=0.0)
+        if not isinstance(dw, (int, float)) or dw < 0:
+            raise error(f"module.disc_weight={dw} must be >= 0")
+        _check_perceptual(cfg, error)
+
+    shard = OmegaConf.select(cfg, "records.shard_size", default=None)
+    if shard is not None and str(OmegaConf.select(cfg, "data._target_", default="")).endswith("RecordSourceDataModule"):
+        bs = OmegaConf.select(cfg, "data.batch_size", default=1)
+        num = OmegaConf.select(cfg, "records.num", default=None)
+        if not isinstance(shard, int) or shard < 1 or shard % bs:
+            raise error(f"records.shard_size={shard} must be a positive multiple of data.batch_size={bs}")
+        if not isinstance(num, int) or num < 1:
+            raise error(f"records.num={num} must be a positive integer")
+        _check_records_meta(cfg, error)
+    if is_records_data(cfg):
+        from sr_lab.data.records import select_shards
+
+        d = OmegaConf.select(cfg, "data.records_dir", default=None)
+        if not select_shards(str(d)):
+            raise error(f"data.records_dir={d} holds no latent record shards (records-*.safetensors); "
+                        f"write them first with experiment=stablesr_latents records.dir={d}")
+        crop = OmegaConf.select(cfg, "data.crop_size", default=None)
+        if crop is not None and (not isinstance(crop, int) or crop <= 0 or crop % 8):
+            raise error(f"data.crop_size={crop} must be a positive multiple of 8")
+
+
+def _check_perceptual(cfg: DictConfig, error: type[Exception]) -> None:
+    if not OmegaConf.select(cfg, "module.perceptual._target_", default=None):
+        return
+    if float(OmegaConf.select(cfg, "module.perceptual_weight", default=1.0) or 0.0) <= 0:
+        return
+    allow = bool(OmegaConf.select(cfg, "module.perceptual.allow_random_init", default=False))
+    if allow:
+        if not _is_tiny(cfg):
+            raise error("perceptual.allow_random_init=true is only for smoke runs on backbone=tiny; put the "
+                        "LPIPS VGG16 weights (vgg16-397923af.pth) in $SR_LAB_WEIGHTS or the torch hub cache")
+        return
+    from sr_lab.losses.perceptual import check_lpips_weights
+    from sr_lab.utils.weights import MissingWeights
+
+    folder = OmegaConf.select(cfg, "module.perceptual.weights_dir", default=None)
+    try:
+        check_lpips_weights(folder)
+    except MissingWeights as exc:
+        hint = " (or perceptual.allow_random_init=true for a smoke run on backbone=tiny)" if _is_tiny(cfg) else ""
+        raise error(f"perceptual: {exc}{hint}") from None
+
+
+def _check_records_meta(cfg: DictConfig, error: type[Exception]) -> None:
+    """A records folder holds one set: only records.num may differ from the run that started it."""
+    from pathlib import Path
+
+    from sr_lab.data.records import read_meta
+
+    d = OmegaConf.select(cfg, "records.dir", default=None)
+    meta = read_meta(str(d)) if d is not None else None
+    if not meta:
+        return
+    stage1 = OmegaConf.select(cfg, "stage1", default=None)
+    now = {"shard_size": OmegaConf.select(cfg, "records.shard_size"), "crop_size": OmegaConf.select(cfg, "data.crop_size"),
+           "seed": OmegaConf.select(cfg, "seed"), "start": OmegaConf.select(cfg, "module.start", default=None),
+           "stage1": str(Path(str(stage1)).expanduser().resolve()) if stage1 else None}
+    for k, v in now.items():
+        if v is not None and k in meta and meta[k] != v:
+            raise error(f"records.dir={d} holds records written with {k}={meta[k]!r}, this run has {k}={v!r}; "
+                        f"use another records.dir (or delete that folder)")

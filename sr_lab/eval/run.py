@@ -1,0 +1,155 @@
+"""``sr-eval`` / ``make eval``: score SR folders (or run inference with N seeds first) against HR.
+
+    make eval ARGS="sr_dir=<SR folder or folder of seed_<k>/> hr_dir=<HR folder>"
+    make eval ARGS="run_inference=true infer.checkpoint=<run>/export infer.seeds=[0,1,2] lr_dir=<LR> hr_dir=<HR>"
+    sr-eval -m run_inference=true ... infer.sampler.t_max=0.5,0.6667,0.8 infer.sampler.t_min=0.2,0.3333
+
+Order: validate the whole config (one line naming the key) -> loggers -> [inference] -> metrics
+(unavailable ones reported, never fatal) -> scoring -> reports (``per_image.csv``,
+``per_image_std.csv``, ``summary.json``, ``summary.md``, ``lr_sr_hr.png``) -> loggers. Loggers are
+finished in a ``finally`` (W&B too) whatever happens. :func:`run_eval` is the in-process entry.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sr_lab.config.validation import ConfigError
+from sr_lab.train import CONF_DIR, finish_loggers
+
+from .config import metric_names, validate_eval_config
+from .image_table import save_png, table_cells, table_columns, table_png
+from .loggers import build_eval_loggers, job_name, knob_overrides, log_scalars, log_table
+from .metrics import build_metrics
+from .report import write_reports
+from .score import discover_runs, score_runs
+
+log = logging.getLogger("sr_lab.eval")
+
+__all__ = ["run_eval", "main"]
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def _resolved(cfg: DictConfig) -> dict:
+    """The eval config as a plain dict (the infer node's own ``hydra`` block left out)."""
+    c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    if c.get("infer") is not None and "hydra" in c.infer:
+        del c.infer["hydra"]
+    return OmegaConf.to_container(c, resolve=True, throw_on_missing=False)
+
+
+def _versions() -> dict:
+    import sr_lab
+
+    out = {"sr_lab": sr_lab.__version__, "torch": torch.__version__}
+    try:
+        import pyiqa
+
+        out["pyiqa"] = pyiqa.__version__
+    except Exception:
+        out["pyiqa"] = None
+    return out
+
+
+def _inference_extra(cfg: DictConfig, meta: dict, path: Path) -> dict:
+    from .inference import executed_steps, num_timesteps_of
+
+    sampler = meta.get("sampler") or {}
+    T = num_timesteps_of(cfg.infer.checkpoint)
+    return {"inference": {"output_dir": str(path), "seeds": meta.get("seeds"), "timings": meta.get("timings"),
+                          "device": meta.get("device"), "checkpoint": meta.get("checkpoint")},
+            "sampler": sampler, "num_timesteps": T, "executed_steps": executed_steps(sampler, T)}
+
+
+def _scalars(summary: dict) -> dict[str, float]:
+    out: dict[str, float] = {"eval/n_runs": summary["n_runs"], "eval/n_images": summary["n_images_all_runs"]}
+    for name, m in summary["metrics"].items():
+        if m.get("available") and m.get("mean") is not None:
+            out[f"eval/{name}"] = m["mean"]
+            if m.get("g_std") is not None:
+                out[f"eval/{name}_gstd"] = m["g_std"]
+    if summary["stability"].get("l_std") is not None:
+        out["eval/l_std"] = summary["stability"]["l_std"]
+    return out
+
+
+def run_eval(cfg: DictConfig) -> dict:
+    """Evaluate as configured (module docstring); returns the summary dict (also in ``summary.json``)."""
+    validate_eval_config(cfg)
+    out_dir = Path(str(cfg.paths.output_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = metric_names(cfg)
+    loggers = build_eval_loggers(cfg)
+    status = "failed"
+    try:
+        extra: dict = {"created": _dt.datetime.now().isoformat(timespec="seconds"), "versions": _versions(),
+                       "label": cfg.get("variant") or job_name(cfg) or cfg.get("task_name"),
+                       "variant": cfg.get("variant"), "overrides": knob_overrides(),
+                       "hr_dir": cfg.get("hr_dir"), "lr_dir": cfg.get("lr_dir"),
+                       "crop_border": int(cfg.metrics.crop_border), "crop_all": bool(cfg.metrics.crop_all),
+                       "psnr_ssim_impl": str(cfg.metrics.psnr_ssim_impl)}
+        if cfg.run_inference:
+            from .inference import run_inference_for_eval
+
+            sr_root, meta = run_inference_for_eval(cfg, out_dir)
+            extra.update(_inference_extra(cfg, meta, sr_root))
+        else:
+            sr_root = Path(str(cfg.sr_dir)).expanduser()
+        runs = discover_runs(sr_root)
+        log.info("scoring %d run(s) in %s against %s: %s", len(runs), sr_root, cfg.get("hr_dir"), ", ".join(names))
+        device = resolve_device(str(cfg.metrics.device))
+        metrics, cross, unavailable = build_metrics(
+            names, device=device, weights_dir=cfg.metrics.get("weights_dir"),
+            maniqa_checkpoint=str(cfg.metrics.maniqa_checkpoint), psnr_ssim_impl=str(cfg.metrics.psnr_ssim_impl))
+        fid_opts = {k: cfg.metrics.fid[k] for k in ("batch_size", "num_workers", "mode")}
+        result = score_runs(runs, cfg.get("hr_dir"), metrics, cross, unavailable, crop_border=int(cfg.metrics.crop_border),
+                            crop_all=bool(cfg.metrics.crop_all), device=device, fid_opts=fid_opts,
+                            l_std_crop=int(cfg.stability.crop_border))
+        extra["config"] = _resolved(cfg)
+        summary = write_reports(result, out_dir, names, extra, title=str(extra["label"] or ""))
+        rows = table_cells(result, cfg.get("lr_dir"), int(cfg.report.table_images), int(cfg.report.cell_height))
+        png = table_png(rows, columns=table_columns(result))
+        if png is not None:
+            save_png(png, out_dir / "lr_sr_hr.png")
+        log_scalars(loggers, _scalars(summary))
+        log_table(loggers, png, rows, table_columns(result))
+        log.info("evaluation written to %s\n%s", out_dir, (out_dir / "summary.md").read_text())
+        status = "success"
+        return summary
+    finally:
+        finish_loggers(loggers, status)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def _hydra_main(cfg: DictConfig) -> None:
+    from sr_lab.inference.stage import StageLoadError
+
+    try:
+        run_eval(cfg)
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except StageLoadError as exc:
+        log.error("checkpoint error: %s", exc)
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""``sr-infer`` / ``make infer``: super-resolve a file or folder of images with a trained stage.
+
+    make infer ARGS="checkpoint=outputs/ccsr_stage1/<date>/export input=/data/lr output_dir=/tmp/sr"
+    python -m sr_lab.inference.run checkpoint=... input=... seeds=[0,1,2] sampler=ddim sampler.steps=50
+
+Output layout (a contract the evaluation code relies on):
+
+* ``<output_dir>/seed_<seed>/<input stem>.png`` for every seed and every readable input (for a folder
+  input, sub-folders are mirrored: ``seed_0/<sub>/<stem>.png``);
+* ``<output_dir>/run.json``: the full resolved config, the effective sampler, seeds, sr_lab version,
+  device, per-image inputs/outputs/sizes/seconds, skipped inputs, total timings.
+
+The config is validated before any model is built (one line naming the key, ``ConfigError``); odd
+inputs (grayscale, RGBA, palette, 16-bit) are converted by :func:`sr_lab.data.images.read_rgb_uint8`,
+unreadable/truncated ones are skipped with a warning and listed at the end. :func:`run_inference` is
+the in-process entry point.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import inspect
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sr_lab.config.validation import ConfigError
+from sr_lab.inference.color_fix import METHODS as COLOR_FIX_METHODS
+from sr_lab.inference.stage import StageLoadError
+from sr_lab.train import CONF_DIR
+
+log = logging.getLogger("sr_lab.infer")
+
+STARTS = ("noise", "lr")
+PRECISIONS = ("32", "bf16")
+SAMPLER_KNOBS = ("steps", "eta", "t_max", "t_min")
+
+
+# -- validation (no model is built here) ----------------------------------------------------------
+def _get(cfg: DictConfig, key: str, default=None):
+    return OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _require_path(cfg: DictConfig, key: str) -> Path:
+    if OmegaConf.is_missing(cfg, key) or _get(cfg, key) in (None, ""):
+        raise ConfigError(f"{key} is required ({key}=...)")
+    p = Path(str(_get(cfg, key))).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{key}={_get(cfg, key)} does not exist")
+    return p
+
+
+def _check_sampler_values(sampler: dict, num_timesteps: int | None = None) -> None:
+    steps = sampler.get("steps")
+    if steps is not None and not (_is_int(steps) and steps >= 1 and (num_timesteps is None or steps <= num_timesteps)):
+        bound = f"[1, {num_timesteps}]" if num_timesteps else ">= 1"
+        raise ConfigError(f"sampler.steps={steps} must be an integer in {bound}")
+    eta = sampler.get("eta")
+    if eta is not None and not (_is_num(eta) and eta >= 0):
+        raise ConfigError(f"sampler.eta={eta} must be a number >= 0")
+    for name in ("t_max", "t_min"):
+        v = sampler.get(name)
+        if v is not None and not (_is_num(v) and 0.0 <= v <= 1.0):
+            raise ConfigError(f"sampler.{name}={v} must be a fraction of T in [0, 1]")
+    t_max, t_min = sampler.get("t_max"), sampler.get("t_min")
+    if t_max is not None and t_min is not None and not t_min < t_max:
+        raise ConfigError(f"sampler.t_min={t_min} must be smaller than sampler.t_max={t_max}")
+    if t_max is not None and t_min is not None and _is_int(steps):
+        if round(steps * t_max) - round(steps * t_min) < 1:
+            raise ConfigError(f"sampler.t_max/t_min={t_max}/{t_min} leave no step out of sampler.steps={steps}")
+
+
+def validate_infer_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` (one line naming the key) on the first invalid value."""
+    _require_path(cfg, "checkpoint")
+    if _get(cfg, "decoder_checkpoint") is not None:
+        _require_path(cfg, "decoder_checkpoint")
+    w = _get(cfg, "decoder_w")
+    if w is not None and not (_is_num(w) and 0.0 <= w <= 1.0):
+        raise ConfigError(f"decoder_w={w} must be a number in [0, 1]")
+    _require_path(cfg, "input")
+    if not str(_get(cfg, "output_dir") or "").strip():
+        raise ConfigError("output_dir is required")
+    up = _get(cfg, "upscale")
+    if up is not None and not (_is_int(up) and up >= 1):
+        raise ConfigError(f"upscale={up} must be a positive integer (or null for the checkpoint's)")
+    if _get(cfg, "start") not in STARTS:
+        raise ConfigError(f"start={_get(cfg, 'start')} must be one of {list(STARTS)}")
+    seeds = _get(cfg, "seeds")
+    seeds = [seeds] if _is_int(seeds) else seeds
+    if not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
+        raise ConfigError(f"seeds={_get(cfg, 'seeds')} must be a non-empty list of integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds={list(seeds)} has duplicates")
+    for key in ("batch_size",):
+        v = _get(cfg, key)
+        if not (_is_int(v) and v >= 1):
+            raise ConfigError(f"{key}={v} must be a positive integer")
+    sb = _get(cfg, "seed_batch")
+    if sb is not None and not (_is_int(sb) and sb >= 1):
+        raise ConfigError(f"seed_batch={sb} must be a positive integer or null (all seeds at once)")
+    if str(_get(cfg, "precision")) not in PRECISIONS:
+        raise ConfigError(f"precision={_get(cfg, 'precision')} must be one of {list(PRECISIONS)}")
+    dev = str(_get(cfg, "device"))
+    if dev not in ("auto", "cpu") and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"device={dev} must be auto, cpu, cuda or cuda:N")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={dev} but CUDA is not available on this machine")
+    if _get(cfg, "color_fix") not in COLOR_FIX_METHODS:
+        raise ConfigError(f"color_fix={_get(cfg, 'color_fix')} must be one of {list(COLOR_FIX_METHODS)}")
+    lv = _get(cfg, "wavelet_levels", 5)
+    if not (_is_int(lv) and lv >= 1):
+        raise ConfigError(f"wavelet_levels={lv} must be a positive integer")
+    s = _get(cfg, "cfg_scale")
+    if not (_is_num(s) and s >= 0):
+        raise ConfigError(f"cfg_scale={s} must be a number >= 0 (1 = no guidance)")
+    if not isinstance(_get(cfg, "negative_prompt", ""), str):
+        raise ConfigError(f"negative_prompt={_get(cfg, 'negative_prompt')} must be a string")
+    for group in ("tile", "vae_tile"):
+        size, overlap = _get(cfg, f"{group}.size"), _get(cfg, f"{group}.overlap")
+        if not (_is_int(size) and size >= 1):
+            raise ConfigError(f"{group}.size={size} must be a positive integer")
+        if not (_is_int(overlap) and 0 <= overlap < size):
+            raise ConfigError(f"{group}.overlap={overlap} must be an integer in [0, {group}.size={size})")
+        if group == "vae_tile":
+            for k, v in (("size", size), ("overlap", overlap)):
+                if v % 8:
+                    raise ConfigError(f"vae_tile.{k}={v} must be a multiple of the VAE factor 8")
+    tb = _get(cfg, "tile.batch", 1)
+    if not (_is_int(tb) and tb >= 1):
+        raise ConfigError(f"tile.batch={tb} must be a positive integer")
+    sampler = _get(cfg, "sampler")
+    _check_sampler_values(OmegaConf.to_container(sampler, resolve=True) if sampler is not None else {})
+
+
+# -- inputs and outputs -----------------------------------------------------------------------------
+def list_inputs(source: str | Path) -> list[tuple[Path, str]]:
+    """(image path, output name relative to a seed folder, without suffix) for a file or folder."""
+    from sr_lab.data import find_images
+
+    root = Path(str(source)).expanduser()
+    files = [Path(p) for p in find_images(root)]
+    if root.is_file():
+        if not files:
+            raise ConfigError(f"input={source} is not an image file (png/jpg/jpeg/webp/bmp/tif/tiff)")
+        return [(root, root.stem)]
+    if not files:
+        raise ConfigError(f"input={source} holds no image (png/jpg/jpeg/webp/bmp/tif/tiff, searched recursively)")
+    out, seen = [], {}
+    for f in files:
+        name = f.relative_to(root).with_suffix("").as_posix()
+        if name in seen:
+            raise ConfigError(f"input={source}: {seen[name].name} and {f.name} would both be written as {name}.png")
+        seen[name] = f
+        out.append((f, name))
+    return out
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def effective_sampler_config(infer_sampler: Any, stage_cfg: DictConfig) -> dict:
+    """The sampler to use: a chosen sampler option (has ``_target_``) replaces the checkpoint's; plain
+    knobs (non-null) are merged onto the checkpoint's own sampler config."""
+    chosen = OmegaConf.to_container(infer_sampler, resolve=True) if infer_sampler is not None else {}
+    chosen = {k: v for k, v in (chosen or {}).items() if v is not None}
+    if "_target_" in chosen:
+        return chosen
+    own = OmegaConf.select(stage_cfg, "sampler") or OmegaConf.select(stage_cfg, "module.sampler")
+    if own is None:
+        raise ConfigError("the checkpoint's config has no sampler; choose one with sampler=<option>")
+    base = OmegaConf.to_container(own, resolve=True)
+    base.update(chosen)
+    return base
+
+
+def check_sampler_against_stage(sampler_cfg: dict, stage_cfg: DictConfig) -> None:
+    """Knob names exist in the sampler function; values fit the stage's T."""
+    fn = hydra.utils.get_method(sampler_cfg["_target_"])
+    params = inspect.signature(fn).parameters
+    knobs = [k for k in sampler_cfg if not k.startswith("_")]
+    accepted = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n not in ("generator", "callback")]
+    for k in knobs:
+        if k not in params:
+            raise ConfigError(f"sampler.{k} is not a knob of {sampler_cfg['_target_']} (knobs: {', '.join(accepted)})")
+    T = OmegaConf.select(stage_cfg, "schedule.num_timesteps", default=None) or \
+        OmegaConf.select(stage_cfg, "backbone.num_train_timesteps", default=None) or 1000
+    _check_sampler_values(sampler_cfg, int(T))
+
+
+def to_uint8(img01: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> H x W x 3 uint8."""
+    return (img01.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# -- the run ------------------------------------------------------------------------------------------
+def run_inference(cfg: DictConfig) -> Path:
+    """Validate, load the stage(s), super-resolve every input for every seed; returns the output dir."""
+    from tqdm.auto import tqdm
+
+    import sr_lab
+    from sr_lab.data.images import ImageReadError, read_rgb_uint8
+    from sr_lab.inference.pipeline import SRPipeline, TileSettings, VAETileSettings
+    from sr_lab.inference.stage import build_stage, read_stage_source
+
+    t_start = time.perf_counter()
+    started = _dt.datetime.now().isoformat(timespec="seconds")
+    validate_infer_config(cfg)
+    inputs = list_inputs(cfg.input)
+    seeds = [int(s) for s in ([cfg.seeds] if _is_int(cfg.seeds) else cfg.seeds)]
+    src = read_stage_source(cfg.checkpoint)
+    sampler_cfg = effective_sampler_config(cfg.get("sampler"), src.config)
+    check_sampler_against_stage(sampler_cfg, src.config)
+    dec_src = read_stage_source(cfg.decoder_checkpoint) if cfg.get("decoder_checkpoint") else None
+    upscale = int(cfg.upscale if cfg.get("upscale") is not None else (src.config.get("upscale") or 4))
+    device = resolve_device(str(cfg.device))
+    out_dir = Path(str(cfg.output_dir)).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # models
+    stage = build_stage(src, device)
+    decoder = build_stage(dec_src, device) if dec_src is not None else None
+    sampler = hydra.utils.instantiate(sampler_cfg)
+    pipe = SRPipeline(
+        stage, sampler, decoder_stage=decoder, decoder_w=cfg.get("decoder_w"), upscale=upscale,
+        start=str(cfg.start), cfg_scale=float(cfg.cfg_scale), negative_prompt=str(cfg.negative_prompt),
+        prompt=cfg.get("prompt"), color_fix=str(cfg.color_fix), wavelet_levels=int(cfg.get("wavelet_levels", 5)),
+        tile=TileSettings(bool(cfg.tile.enabled), int(cfg.tile.size), int(cfg.tile.overlap), int(cfg.tile.get("batch", 4))),
+        vae_tile=VAETileSettings(bool(cfg.vae_tile.enabled), int(cfg.vae_tile.size), int(cfg.vae_tile.overlap)),
+        precision=str(cfg.precision), seed_batch=cfg.get("seed_batch"), progress=bool(cfg.get("progress", True)))
+    load_s = time.perf_counter() - t_start
+    log.info("stage %s (%s) on %s; sampler %s; %d inputs x %d seeds -> %s", src.path, type(stage).__name__,
+             device, sampler_cfg, len(inputs), len(seeds), out_dir)
+
+    records: list[dict] = []
+    skipped: list[dict] = []
+    batch: list[tuple[Path, str, np.ndarray, str | None]] = []
+    bar = tqdm(total=len(inputs), unit="img", desc="sr-infer", disable=not cfg.get("progress", True))
+
+    def flush() -> None:
+        if not batch:
+            return
+        lr = torch.stack([torch.from_numpy(np.array(a)).permute(2, 0, 1) for _, _, a, _ in batch]).float() / 255.0
+        t0 = time.perf_counter()
+        sr = pipe(lr, seeds)  # (S, B, 3, H, W)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        per_image = (time.perf_counter() - t0) / len(batch)
+        for j, (path, name, arr, note) in enumerate(batch):
+            outs = {}
+            for k, seed in enumerate(seeds):
+                rel = Path(f"seed_{seed}") / f"{name}.png"
+                _save_png(to_uint8(sr[k, j]), out_dir / rel)
+                outs[str(seed)] = rel.as_posix()
+            records.append({"input": str(path), "outputs": outs, "lr_size": [arr.shape[0], arr.shape[1]],
+                            "sr_size": [int(sr.shape[-2]), int(sr.shape[-1])], "seconds": round(per_image, 4),
+                            "note": note})
+        bar.update(len(batch))
+        batch.clear()
+
+    t_inf = time.perf_counter()
+    for path, name in inputs:
+        try:
+            arr, note = read_rgb_uint8(path)
+        except ImageReadError as exc:
+            log.warning("skipping %s: %s", path, exc.reason)
+            skipped.append({"input": str(path), "reason": exc.reason})
+            bar.update(1)
+            continue
+        if note:
+            log.info("%s: %s", path, note)
+        if batch and (batch[0][2].shape != arr.shape or len(batch) >= int(cfg.batch_size)):
+            flush()
+        batch.append((path, name, arr, note))
+    flush()
+    bar.close()
+    inference_s = time.perf_counter() - t_inf
+
+    if skipped:
+        log.warning("skipped %d unreadable input(s): %s", len(skipped), ", ".join(s["input"] for s in skipped))
+    sidecar = {
+        "sr_lab_version": sr_lab.__version__,
+        "torch_version": torch.__version__,
+        "started": started,
+        "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "checkpoint": {"path": str(src.path), "task_name": src.config.get("task_name"),
+                       "stage": str(OmegaConf.select(src.config, "module._target_"))},
+        "decoder_checkpoint": None if dec_src is None else {"path": str(dec_src.path),
+                                                            "task_name": dec_src.config.get("task_name")},
+        "sampler": sampler_cfg,
+        "upscale": upscale,
+        "seeds": seeds,
+        "device": {"type": device.type, "name": device_name(device)},
+        "images": records,
+        "skipped": skipped,
+        "timings": {"load_s": round(load_s, 3), "inference_s": round(inference_s, 3),
+                    "total_s": round(time.perf_counter() - t_start, 3),
+                    "per_image_s": round(inference_s / len(records), 4) if records else None},
+    }
+    tmp = out_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(sidecar, indent=2))
+    os.replace(tmp, out_dir / "run.json")
+    log.info("wrote %d image(s) x %d seed(s) to %s (%.1f s)", len(records), len(seeds), out_dir,
+             sidecar["timings"]["total_s"])
+    return out_dir
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="infer")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_inference(cfg)
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except StageLoadError as exc:
+        log.error("checkpoint error: %s", exc)
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""LightningModule: GAN finetune of a latent decoder (StableSR CFW, CCSR stage 2).
+
+Loss (the LDM autoencoder loss both authors reuse, ``LPIPSWithDiscriminator``; see
+:mod:`sr_lab.losses.gan`): generator  L_G = l1·‖x − x̂‖₁ + p·LPIPS(x, x̂) + λ·(−E[D(x̂)]),
+discriminator  L_D = ½(E[relu(1 − D(x))] + E[relu(1 + D(x̂))]), with λ either fixed (``disc_weight``;
+StableSR CFW: 0.025) or adaptive (LDM: ‖∇_last L_rec‖ / ‖∇_last L_G‖ clamped, × ``disc_weight``;
+CCSR stage 2: 0.5). The GAN terms start at iteration ``disc_start`` (StableSR: 501; before it only
+L1 + LPIPS train and the discriminator is not updated). Adam with betas (0.5, 0.9) for both.
+
+What differs between the stages is composed in:
+
+* ``decoder`` — :class:`sr_lab.models.decoders.CFWDecoder` (only fusion layers train; ``w``) or
+  :class:`sr_lab.models.decoders.VAEDecoderFinetune` (post_quant_conv + decoder train);
+* ``latent_source`` — ``None``: the batch carries ``latent`` (StableSR latent records), or
+  :class:`sr_lab.models.latent_sources.TruncatedSamplerLatents` (CCSR: the frozen stage 1 samples the
+  latents on the fly under ``no_grad``).
+
+Optimisation is manual (Lightning 2): per micro-batch the generator half (discriminator toggled off)
+then the discriminator half (generator toggled off); with ``accumulate`` micro-batches per iteration
+both optimizers step at the end of the iteration, generator first. As in the authors' PL1 loop
+(``optimizer_idx`` 0 then 1), the discriminator sees the reconstruction of the generator *after* its
+step. Every iteration is two optimizer steps in Lightning's ``global_step`` (the discriminator "step"
+before ``disc_start`` has no gradients and changes nothing). Under DDP the reducer is switched off and
+each optimizer's gradients are all-reduced by hand before its step (as in ``diffusion_finetune``: two
+backward passes per forward, each leaving the other half's weights without gradients).
+
+Deviation (both authors): their reconstruction term is ``mean(|x − x̂| + p·LPIPS) / batch_size``; here
+it is the plain mean, independent of the batch size (identical for the authors' batch of 1 per GPU in
+StableSR CFW). The LDM ``logvar`` (frozen at 0 in both authors' runs, ``kl_weight`` 0) is dropped.
+
+Checkpoints hold only trainable tensors (decoder part + discriminator, with its BatchNorm statistics);
+all randomness comes from generators derived from (seed, micro-batch counter, rank), so a resumed run
+repeats an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from sr_lab.losses.gan import adaptive_weight, hinge_d_loss, hinge_g_loss
+from sr_lab.metrics.psnr_ssim import finite_mean, psnr_y, ssim_y
+from sr_lab.utils.image_log import log_image, make_grid_rows
+from sr_lab.utils.seeding import make_generator
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DecoderGANFinetune"]
+
+
+def _build(component: Any, backbone: nn.Module) -> Any:
+    """Complete a partial component with the backbone (Hydra ``_partial_: true``)."""
+    if component is None or isinstance(component, nn.Module):
+        return component
+    return component(backbone)
+
+
+class DecoderGANFinetune(pl.LightningModule):
+    def __init__(self, backbone: nn.Module, decoder: Callable | nn.Module, discriminator: nn.Module,
+                 perceptual: Callable | nn.Module | None = None, latent_source: Callable | nn.Module | None = None,
+                 *, lr: float = 5e-5, betas: tuple[float, float] = (0.5, 0.9), weight_decay: float = 0.0,
+                 l1_weight: float = 1.0, perceptual_weight: float = 1.0, disc_weight: float = 0.5,
+                 adaptive_disc_weight: bool = True, disc_start: int = 0, grad_clip: float | None = None,
+                 accumulate: int = 1, seed: int = 0, val_seed: int = 1234, crop_border: int = 4,
+                 val_grid_images: int = 4, run_config: dict | None = None):
+        super().__init__()
+        if disc_start < 0 or disc_weight < 0 or perceptual_weight < 0 or l1_weight < 0:
+            raise ValueError("disc_start, disc_weight, perceptual_weight and l1_weight must be >= 0")
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trainable tensors
+        self.backbone = backbone
+        self.decoder = _build(decoder, backbone)
+        self.latent_source = _build(latent_source, backbone)
+        self.discriminator = discriminator
+        self.discriminator.requires_grad_(True)
+        # the perceptual net is built when training starts (setup), so a stage loaded for inference
+        # never needs its weights
+        self._perceptual_factory = perceptual
+        self.perceptual: nn.Module | None = perceptual if isinstance(perceptual, nn.Module) else None
+        self.lr, self.betas, self.weight_decay, self.grad_clip = float(lr), tuple(betas), float(weight_decay), grad_clip
+        self.l1_weight, self.perceptual_weight = float(l1_weight), float(perceptual_weight)
+        self.disc_weight, self.adaptive_disc_weight = float(disc_weight), bool(adaptive_disc_weight)
+        self.disc_start, self.accumulate = int(disc_start), int(accumulate)
+        self.seed, self.val_seed = int(seed), int(val_seed)
+        self.crop_border, self.val_grid_images = int(crop_border), int(val_grid_images)
+        self.run_config = run_config
+        self._micro = 0
+
+    # -- the stage interface ------------------------------------------------------------------------
+    @property
+    def w(self) -> float:
+        """CFW fusion weight used by :meth:`decode_latent` (only for decoders that have one)."""
+        if not hasattr(self.decoder, "w"):
+            raise AttributeError(f"{type(self.decoder).__name__} has no fusion weight w")
+        return self.decoder.w
+
+    @w.setter
+    def w(self, value: float) -> None:
+        if not hasattr(self.decoder, "w"):
+            raise AttributeError(f"{type(self.decoder).__name__} has no fusion weight w")
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"w={value} must be in [0, 1]")
+        self.decoder.w = float(value)
+
+    @torch.no_grad()
+    def decode_latent(self, latent: torch.Tensor, lr01: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent (scaled, as sampled) → SR image in [0, 1], with this stage's decoder (CFW at ``w``)."""
+        x = self.decoder.reconstruct(self.backbone, latent, lr01)
+        return ((x + 1) / 2).clamp(0, 1)
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        return 2  # generator + discriminator
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        return list(self.decoder.trainable_parameters())
+
+    # -- training -----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.perceptual is None and self._perceptual_factory is not None \
+                and self.perceptual_weight > 0:
+            self.perceptual = self._perceptual_factory()
+
+    def configure_optimizers(self):
+        gen = torch.optim.Adam(self.generator_parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        disc = torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas,
+                                weight_decay=self.weight_decay)
+        return [gen, disc]
+
+    def on_train_start(self) -> None:
+        if self._ddp():  # two backward passes per forward: gradients are all-reduced by hand in _step
+            self.trainer.strategy.model.require_backward_grad_sync = False
+
+    def _ddp(self) -> bool:
+        return self.trainer is not None and type(self.trainer.strategy).__name__.startswith("DDP") \
+            and self.trainer.world_size > 1
+
+    def _all_reduce_grads(self, opt) -> None:
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.trainer.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _step(self, opt) -> None:
+        if self._ddp():
+            self._all_reduce_grads(opt)
+        if self.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def inputs(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latent, LR in [0, 1], HR in [0, 1]) of a batch; latents from the batch or the latent source."""
+        hr, lr = batch["hr"], batch["lr"]
+        if self.latent_source is None:
+            latent = batch["latent"]
+        else:
+            latent = self.latent_source(self.backbone, hr, lr, generator)
+        return latent.float(), lr, hr
+
+    def reconstruction_loss(self, rec: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = {"l1": (rec - x).abs().mean()}
+        if self.perceptual is not None and self.perceptual_weight > 0:
+            terms["lpips"] = self.perceptual(rec, x).mean()
+        return terms
+
+    def gan_active(self, iteration: int) -> bool:
+        return iteration >= self.disc_start
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        gen = make_generator(self.seed, "train", self._micro, self.global_rank, device=batch["hr"].device)
+        latent, lr, hr = self.inputs(batch, gen)
+        x = hr * 2 - 1
+        opt_g, opt_d = self.optimizers()
+        iteration = self._micro // self.accumulate
+        last_micro = (self._micro + 1) % self.accumulate == 0
+        gan = self.gan_active(iteration)
+        b = hr.shape[0]
+
+        # generator half (the discriminator's weights are toggled off)
+        self.toggle_optimizer(opt_g)
+        rec = self.decoder.reconstruct(self.backbone, latent, lr, w=getattr(self.decoder, "train_w", None))
+        terms = self.reconstruction_loss(rec, x)
+        rec_loss = self.l1_weight * terms["l1"] + self.perceptual_weight * terms.get("lpips", 0.0)
+        loss_g = rec_loss
+        logs = {f"train/{k}": v.detach() for k, v in terms.items()}
+        if gan:
+            g_loss = hinge_g_loss(self.discriminator(rec))
+            last = self.decoder.last_layer(self.backbone) if self.adaptive_disc_weight else None
+            lam = adaptive_weight(rec_loss, g_loss, last, self.disc_weight)
+            loss_g = rec_loss + lam * g_loss
+            logs.update({"train/g_loss": g_loss.detach(), "train/d_weight": lam.detach()})
+        self.manual_backward(loss_g / self.accumulate)
+        if last_micro:
+            self._step(opt_g)
+        self.untoggle_optimizer(opt_g)
+
+        # discriminator half (sees the generator after its step, as the authors' PL1 loop)
+        if gan:
+            self.toggle_optimizer(opt_d)
+            with torch.no_grad():
+                fake = self.decoder.reconstruct(self.backbone, latent, lr, w=getattr(self.decoder, "train_w", None)) \
+                    if last_micro else rec.detach()
+            logits_real, logits_fake = self.discriminator(x), self.discriminator(fake)
+            d_loss = hinge_d_loss(logits_real, logits_fake)
+            self.manual_backward(d_loss / self.accumulate)
+            self.untoggle_optimizer(opt_d)
+            logs.update({"train/d_loss": d_loss.detach(), "train/logits_real": logits_real.detach().mean(),
+                         "train/logits_fake": logits_fake.detach().mean()})
+        if last_micro:
+            self._step(opt_d)  # before disc_start: no gradients, a counted no-op
+        self._micro += 1
+        self.log_dict(logs, batch_size=b)
+        self.log("train/loss", loss_g.detach(), prog_bar=True, batch_size=b)
+        return loss_g.detach()
+
+    # -- validation -----------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        gen = make_generator(self.val_seed, "val", batch_idx, device=batch["hr"].device)
+        with torch.no_grad():
+            latent, lr, hr = self.inputs(batch, gen)
+            sr = self.decode_latent(latent, lr)
+        b = hr.shape[0]
+        metrics = {"val/psnr_y": finite_mean(psnr_y(sr, hr, self.crop_border)),
+                   "val/ssim_y": float(ssim_y(sr, hr, self.crop_border).mean())}
+        if self.perceptual is not None:
+            metrics["val/lpips"] = float(self.perceptual(sr * 2 - 1, hr * 2 - 1).mean())
+        if hasattr(self.decoder, "w") and self.decoder.w != 0:
+            plain = ((self.decoder.reconstruct(self.backbone, latent, lr, w=0.0) + 1) / 2).clamp(0, 1)
+            metrics["val/psnr_y_w0"] = finite_mean(psnr_y(plain, hr, self.crop_border))
+        self.log_dict(metrics, sync_dist=True, batch_size=b)
+        if batch_idx == 0 and self.trainer is not None and self.val_grid_images > 0:
+            n = min(b, self.val_grid_images)
+            lr_up = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic",
+                                                    align_corners=False).clamp(0, 1)
+            log_image(self.trainer, "val/lr_sr_hr", make_grid_rows([[lr_up[i], sr[i], hr[i]] for i in range(n)]),
+                      caption="LR (bicubic) | SR | HR")
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def trainable_state_keys(self) -> set[str]:
+        """Names of trainable parameters plus the buffers of modules that own trainable parameters
+        (the discriminator's BatchNorm statistics)."""
+        keys = {n for n, p in self.named_parameters() if p.requires_grad}
+        owners = {n.rsplit(".", 1)[0] for n in keys}
+        for name, _ in self.named_buffers():
+            if name.rsplit(".", 1)[0] in owners:
+                keys.add(name)
+        return keys
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["sr_lab"] = {"micro_batches": self._micro, "config": self.run_config}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]} "
+                           f"(was it written by another stage?)")
+        self._micro = int(checkpoint.get("sr_lab", {}).get("micro_batches", 0))
