@@ -9,7 +9,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train infer eval testset collect test test-slow bench-degradation bench-inference lint clean
+.PHONY: help install train infer eval testset collect test test-slow bench-degradation bench-inference bench-latents lint clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ bench-degradation: $(STAMP) ## print degradation pairs/s (batch 16, 512 crops) o
 
 bench-inference: $(STAMP) ## print s/image, peak memory and seed batching speed for 128->512 (tiny or --checkpoint)
 	$(BIN)/python benchmarks/inference.py $(ARGS)
+
+bench-latents: $(STAMP) ## print StableSR latent-record generation records/s on this machine's device
+	$(BIN)/python benchmarks/latents.py $(ARGS)
 
 clean: ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache

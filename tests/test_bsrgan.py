@@ -149,12 +149,12 @@ def test_add_sharpening_matches_opencv_usm(photo):
 
 def test_gaussian_noise_branches():
     img = torch.full((1, 3, 96, 96), 0.5)
-    color, info = _noise_map(img, 2, 25, rng(1), r=0.7, level=20)
+    color, info = _noise_map(img, 25, rng(1), r=0.7, level=20)
     assert info["kind"] == "color" and color.shape == (1, 3, 96, 96)
     assert float(color.std()) == pytest.approx(20 / 255, rel=0.05)
-    gray, info = _noise_map(img, 2, 25, rng(2), r=0.3, level=20)
+    gray, info = _noise_map(img, 25, rng(2), r=0.3, level=20)
     assert info["kind"] == "gray" and gray.shape == (1, 1, 96, 96)  # one map, broadcast on RGB
-    corr, info = _noise_map(img, 2, 25, rng(3), r=0.5, level=20)
+    corr, info = _noise_map(img, 25, rng(3), r=0.5, level=20)
     assert info["kind"] == "correlated"
     cov = np.array(info["cov"])
     u, s, vh = np.linalg.svd(cov)  # numpy multivariate_normal draws with this square root

@@ -73,7 +73,7 @@ def test_make_eval_end_to_end_with_inference(checkpoint, testset, tmp_path):
     out = tmp_path / "eval"
     args = (f"run_inference=true infer.checkpoint={checkpoint} infer.seeds=[0,1] infer.progress=false "
             f"lr_dir={testset / 'LR'} hr_dir={testset / 'HR'} metrics.names=[psnr,ssim,lpips] "
-            f"logger=csv_wandb hydra.run.dir={out}")
+            f"hydra.run.dir={out}")
     proc = subprocess.run(["make", "-s", "-o", ".venv/.sr_lab-installed", "eval", f"ARGS={args}"], cwd=ROOT,
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -90,14 +90,18 @@ def test_make_eval_end_to_end_with_inference(checkpoint, testset, tmp_path):
     assert "| ↑ PSNR |" in (out / "summary.md").read_text()
     assert (out / "lr_sr_hr.png").is_file() and list((out / "csv").rglob("images/eval_lr_sr_hr.png"))
     assert list((out / "csv").rglob("metrics.csv"))
-    runs = list((out / "wandb").glob("offline-run-*"))
-    assert runs and list(runs[0].rglob("*.table.json"))  # the LR | SR seeds | HR table went to W&B
 
 
 def test_multirun_2x2_collects_the_table(checkpoint, testset, tmp_path):
-    sweep = tmp_path / "sweep"
+    import shutil
+
+    sweep, one = tmp_path / "sweep", tmp_path / "one"
+    for sub in ("HR", "LR"):  # one image keeps the 4 jobs short
+        (one / sub).mkdir(parents=True)
+        first = sorted((testset / sub).iterdir())[0]
+        shutil.copy(first, one / sub / first.name)
     cmd = [sys.executable, "-m", "sr_lab.eval.run", "-m", "run_inference=true", f"infer.checkpoint={checkpoint}",
-           "infer.seeds=[0,1]", "infer.progress=false", f"lr_dir={testset / 'LR'}", f"hr_dir={testset / 'HR'}",
+           "infer.seeds=[0,1]", "infer.progress=false", f"lr_dir={one / 'LR'}", f"hr_dir={one / 'HR'}",
            "metrics.names=[psnr,ssim]", "collect.metrics=[psnr,ssim]", "report.table_images=1",
            "infer.sampler.t_max=0.5,0.6667", "infer.sampler.t_min=0.2,0.3333", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -113,6 +117,19 @@ def test_multirun_2x2_collects_the_table(checkpoint, testset, tmp_path):
     assert (sweep / "perception_distortion.png").is_file()  # x = PSNR, y = SSIM (no perceptual weights here)
 
 
+def test_multirun_job_with_a_bad_value_is_recorded_and_the_sweep_goes_on(testset, tmp_path):
+    sr = _noisy_runs(testset, tmp_path / "sr")
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "sr_lab.eval.run", "-m", f"sr_dir={sr}", f"hr_dir={testset / 'HR'}",
+           "metrics.names=[psnr]", "collect.metrics=[psnr]", "metrics.crop_border=-1,2", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "metrics.crop_border=-1 must be an integer >= 0" in json.loads((sweep / "0" / "failed.json").read_text())["error"]
+    assert (sweep / "1" / "summary.json").is_file()
+    md = (sweep / "collected.md").read_text()
+    assert "| metrics.crop_border=-1 | failed | failed |" in md and "| metrics.crop_border=2 | " in md
+
+
 @pytest.mark.parametrize("override,match", [
     (["metrics.names=[psnr,psnrr]"], "metrics.names: unknown metric 'psnrr'"),
     (["metrics.psnr_ssim_impl=basicsr"], "metrics.psnr_ssim_impl=basicsr"),
@@ -122,6 +139,9 @@ def test_multirun_2x2_collects_the_table(checkpoint, testset, tmp_path):
     (["sr_dir=null"], "sr_dir is required"),
     (["stability.crop_border=x"], "stability.crop_border=x"),
     (["run_inference=true", "sr_dir=null"], "lr_dir is required"),
+    (["run_inference=true"], "sr_dir must be null with run_inference=true"),
+    (["collect.metrics=[psnr,fidd]"], "collect.metrics: unknown metric 'fidd'"),
+    (["report.cell_height=4"], "report.cell_height=4 must be >= 16"),
 ])
 def test_bad_eval_values_name_the_key(override, match, tmp_path):
     from sr_lab.eval.config import validate_eval_config
@@ -129,6 +149,17 @@ def test_bad_eval_values_name_the_key(override, match, tmp_path):
     cfg = compose_cfg("eval", [f"sr_dir={tmp_path}", f"paths.output_dir={tmp_path}", *override])
     with pytest.raises(ConfigError, match=match.replace("[", r"\[").replace(".", r"\.")):
         validate_eval_config(cfg)
+
+
+def test_testset_config_errors_name_the_key(tmp_path):
+    from sr_lab.eval.testset import make_testset
+
+    base = [f"out_dir={tmp_path}", f"paths.output_dir={tmp_path}"]
+    for override, match in ((["crop_size=30"], "crop_size=30 must be null or a positive multiple of upscale=4"),
+                            (["crop=corner"], "crop=corner"), (["hr_dirs=/no/such"], "hr_dirs: /no/such does not exist"),
+                            (["degradation=bsrgan", "degradation.jpeg_prob=2"], "degradation: jpeg_prob")):
+        with pytest.raises(ConfigError, match=match):
+            make_testset(compose_cfg("testset", base + override))
 
 
 def test_inference_knobs_are_validated_with_the_infer_prefix(tmp_path, checkpoint):
@@ -147,6 +178,35 @@ def test_cli_config_error_is_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "config error: metrics.names: unknown metric 'nope'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def _noisy_runs(testset, root, seeds=(0, 1)):
+    import numpy as np
+    from PIL import Image
+
+    for s in seeds:
+        for f in sorted((testset / "HR").iterdir()):
+            a = np.asarray(Image.open(f), np.float64)
+            noisy = np.clip(a + np.random.default_rng(s).normal(0, 6, a.shape), 0, 255).astype(np.uint8)
+            (root / f"seed_{s}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(noisy).save(root / f"seed_{s}" / f.name)
+    return root
+
+
+def test_wandb_gets_scalars_and_the_image_table(testset, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from sr_lab.eval.run import run_eval
+
+    sr = _noisy_runs(testset, tmp_path / "sr")
+    out = tmp_path / "out"
+    summary = run_eval(compose_cfg("eval", [f"sr_dir={sr}", f"hr_dir={testset / 'HR'}", f"lr_dir={testset / 'LR'}",
+                                            f"paths.output_dir={out}", "logger=csv_wandb", "metrics.names=[psnr,ssim]"]))
+    assert wandb.run is None and summary["n_runs"] == 2 and summary["metrics"]["psnr"]["g_std"] > 0
+    run = next((out / "wandb").glob("offline-run-*"))
+    assert list(run.rglob("*.table.json"))  # LR | SR seed_0 | SR seed_1 | HR
+    assert list(run.rglob("media/images/**/*.png"))  # the grid PNG
 
 
 def test_wandb_is_finished_when_evaluation_fails(tmp_path, monkeypatch):

@@ -56,11 +56,23 @@ def test_collect_unavailable_metrics_and_pil_fallback(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "_plot_matplotlib", no_matplotlib)
     out = C.collect(tmp_path, ["psnr", "lpips"], pd_y="auto")
     md = (tmp_path / "collected.md").read_text()
-    assert "| infer.sampler.t_max=0.5 infer.sampler.t_min=0.2 | (T/2, T/5, 15) | 20.00/0.1000 | n/a |" in md
+    assert "| infer.sampler.t_max=0.5 | (T/2, T/5, 15) | 20.00/0.1000 | n/a |" in md  # label: what differs
     assert "- lpips: metric lpips unavailable" in md
     assert out["pd_axes"] == ["psnr", None] and out["plot"] is None  # no perception metric at all
     plot = C.plot_pd(C.load_jobs(tmp_path), tmp_path / "pd.png", "psnr", "psnr")
     assert plot is not None and plot.stat().st_size > 0  # drawn with PIL
+
+
+def test_failed_job_is_a_row_with_its_error(tmp_path):
+    job(tmp_path, 0, "A1", 0.5, 0.3333, 26.0, 0.3, lpips=0.25, musiq=60.0)
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "failed.json").write_text(json.dumps({
+        "error": "config error: infer.sampler.t_min=0.5 must be smaller than sampler.t_max=0.3",
+        "variant": None, "overrides": ["infer.sampler.t_max=0.3", "infer.sampler.t_min=0.5"]}))
+    C.collect(tmp_path, ["psnr", "lpips"])
+    md = (tmp_path / "collected.md").read_text()
+    assert "| infer.sampler.t_max=0.3 infer.sampler.t_min=0.5 |  | failed | failed | failed |" in md
+    assert "- infer.sampler.t_max=0.3 infer.sampler.t_min=0.5: config error: infer.sampler.t_min=0.5" in md
 
 
 def test_collect_cli_errors_on_empty_folder(tmp_path, capsys):

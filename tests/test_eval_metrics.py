@@ -184,3 +184,56 @@ def test_every_metric_names_its_weight_files():
         assert (files == ()) == (name in ("psnr", "ssim")), name
     assert [f.name for f in W.required_files(MANIQA_CHECKPOINTS["pipal"])] == ["MANIQA_PIPAL-ae6d356b.pth"]
     assert [f.name for f in W.required_files("fid")] == ["pt_inception-2015-12-05-6726825d.pth"]
+
+
+def _standin_weights(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        torch.save({}, folder / n)
+    return folder
+
+
+def test_reference_network_metric_path_with_standin_weights(tmp_path, monkeypatch, pairs):
+    """LPIPS through real pyiqa: the files are stand-ins (empty LPIPS head, AlexNet built without
+    ImageNet weights), so the values are meaningless, but lookup, staging, construction and the
+    float32 per-image call are the real ones."""
+    import torchvision
+    from pyiqa.archs import lpips_arch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    real_alexnet = torchvision.models.alexnet
+    monkeypatch.setattr(lpips_arch.models, "alexnet", lambda weights=None, **k: real_alexnet(weights=None, **k))
+    wdir = _standin_weights(tmp_path / "w", ["LPIPS_v0.1_alex-df73285e.pth", "alexnet-owt-7be5be79.pth"])
+    metrics, _, unavailable = build_metrics(["lpips"], device=CPU, weights_dir=wdir)
+    assert unavailable == {}
+    sr, hr = pairs[0]
+    v = metrics["lpips"].fn(t(sr), t(hr))
+    assert v.shape == (1,) and torch.isfinite(v).all()
+    assert float(metrics["lpips"].fn(t(hr), t(hr))[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow  # ~10-50 s on 2 CPU cores: pyiqa's sqrtm of two 2048x2048 covariances per run
+def test_fid_folder_metric_path_with_standin_weights(tmp_path, monkeypatch, pairs):
+    """FID (GT folder vs SR folder, only the scored pairs) through real pyiqa with a random
+    Inception (weight loading stubbed): the call path and the per-run bookkeeping are real."""
+    from pyiqa.archs import inception
+
+    from sr_lab.eval.score import discover_runs, score_runs
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(inception, "load_pretrained_network", lambda *a, **k: None)
+    wdir = _standin_weights(tmp_path / "w", ["pt_inception-2015-12-05-6726825d.pth"])
+    for i, (sr, hr) in enumerate(pairs):
+        for d, img in (("hr", hr), ("sr/seed_0", sr), ("sr/seed_1", np.flip(sr, 1))):
+            (tmp_path / d).mkdir(parents=True, exist_ok=True)
+            Image.fromarray((img * 255).round().astype(np.uint8)).save(tmp_path / d / f"im{i}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "sr" / "seed_1" / "extra.png")  # not paired
+    torch.manual_seed(0)
+    metrics, cross, unavailable = build_metrics(["psnr", "fid"], device=CPU, weights_dir=wdir)
+    assert "fid" in metrics and unavailable == {}
+    res = score_runs(discover_runs(tmp_path / "sr"), tmp_path / "hr", metrics, cross, unavailable, crop_border=4,
+                     fid_opts={"batch_size": 2, "num_workers": 0, "mode": "clean"})
+    fid = res.set_scores["fid"]
+    assert set(fid) == {"seed_0", "seed_1"} and all(np.isfinite(v) and v >= 0 for v in fid.values())
+    s = res.metric_summary("fid")
+    assert s["g_std"] is None and s["std_over_runs"] == pytest.approx(np.std(list(fid.values())))

@@ -104,3 +104,26 @@ def test_scorer_lists_mismatches_and_missing_pairs(tmp_path, caplog):
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| ↑ PSNR |" in md and "| L-STD ↓ |" in md and "pairing: 2 file(s) not scored" in md
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_runs"] == 2
+
+
+def test_no_reference_mode_without_hr_folder(tmp_path):
+    pytest.importorskip("pyiqa")
+    from sr_lab.eval.image_table import table_cells, table_png
+    from sr_lab.eval.metrics import build_metrics
+    from sr_lab.eval.score import discover_runs, score_runs
+
+    for s in (0, 1, 2):
+        save(tmp_path / "sr" / f"seed_{s}" / "a.png", 16, 16, seed=s)
+        save(tmp_path / "sr" / f"seed_{s}" / "b.png", 16, 16, seed=10 + s)
+    save(tmp_path / "sr" / "seed_2" / "b_SR.png", 16, 16)  # same key as b.png in that run
+    metrics, cross, unavailable = build_metrics(["psnr"], device=torch.device("cpu"))
+    res = score_runs(discover_runs(tmp_path / "sr"), None, metrics, cross, unavailable, crop_border=0)
+    assert "needs the HR folder" in res.unavailable["psnr"] and not res.metrics
+    assert res.pairing["seed_2"].duplicates == {"b": sorted([str(tmp_path / "sr" / "seed_2" / "b.png"),
+                                                             str(tmp_path / "sr" / "seed_2" / "b_SR.png")])}
+    assert res.common_images == ["a"] and res.stability["n_runs"] == 3
+    imgs = np.stack([np.asarray(Image.open(tmp_path / "sr" / f"seed_{s}" / "a.png"), np.float64) / 255 for s in range(3)])
+    assert res.stability["l_std"] == pytest.approx(imgs[:, 4:-4, 4:-4].std(axis=0).mean(), abs=1e-12)
+    rows = table_cells(res, None, max_rows=2, height=32)
+    assert len(rows) == 1 and rows[0][1][0] is None and rows[0][1][-1] is None  # no LR, no HR cell
+    assert table_png(rows, columns=["LR", "SR 0", "SR 1", "SR 2", "HR"]).shape[0] > 32

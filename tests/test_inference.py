@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FAST, ROOT, compose_train
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers import FAST, ROOT, compose_train
 from sr_lab.config.validation import ConfigError
 from sr_lab.diffusion.samplers import ccsr_truncated, ddim
 from sr_lab.diffusion.schedule import q_sample
@@ -76,7 +76,8 @@ def test_load_stage_errors_name_the_file(trained_run, tmp_path):
     (bad / "config.yaml").write_text((trained_run / "export" / "config.yaml").read_text())
     state = load_file(trained_run / "export" / "trainable.safetensors")
     save_file({**state, "adapter.not_a_weight": torch.zeros(1)}, str(bad / "trainable.safetensors"))
-    with pytest.raises(StageLoadError, match=r"bad/trainable\.safetensors: 1 stored tensors do not exist.*not_a_weight"):
+    with pytest.raises(StageLoadError,
+                       match=r"bad/trainable\.safetensors: 1 stored tensors do not exist.*not_a_weight"):
         load_stage(bad)
     k = next(iter(state))
     save_file({kk: v for kk, v in state.items() if kk != k}, str(bad / "trainable.safetensors"))
@@ -293,3 +294,16 @@ def test_cli_reports_a_config_error_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert "config error: checkpoint is required (checkpoint=...)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_empty_input_and_name_clashes_are_config_errors(trained_run, tmp_path):
+    base = [f"checkpoint={trained_run / 'export'}", f"output_dir={tmp_path / 'o'}"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no image"):
+        run_inference(compose_infer([*base, f"input={tmp_path / 'empty'}"]))
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    for ext in ("png", "jpg"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(clash / f"a.{ext}")
+    with pytest.raises(ConfigError, match=r"a\.jpg and a\.png would both be written as a\.png"):
+        run_inference(compose_infer([*base, f"input={clash}"]))

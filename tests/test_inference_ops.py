@@ -11,8 +11,15 @@ from sr_lab.diffusion.guidance import classifier_free_guidance
 from sr_lab.diffusion.samplers import ddim
 from sr_lab.diffusion.schedule import eps_from_x0, randn_like
 from sr_lab.inference.color_fix import adain_color_fix, color_fix, wavelet_color_fix, wavelet_decompose
-from sr_lab.inference.tiling import (TiledModel, aggregation_weights, gaussian_weights, tile_boxes, tile_starts,
-                                     tiled_decode, tiled_encode)
+from sr_lab.inference.tiling import (
+    TiledModel,
+    aggregation_weights,
+    gaussian_weights,
+    tile_boxes,
+    tile_starts,
+    tiled_decode,
+    tiled_encode,
+)
 
 
 def sd_alphas_cumprod(T=1000):

@@ -135,3 +135,55 @@ def test_latents_config_errors(stage1, tmp_path):
     with pytest.raises(ConfigError, match="run_mode=train must be one of"):
         validate_config(compose_train(["experiment=stablesr_stage1", "run_mode=train"], tmp_path))
     validate_config(compose_train(["experiment=stablesr_latents", f"stage1={stage1}"], tmp_path))
+
+
+@pytest.mark.parametrize("variant,w", [("w0", 0.0), ("w0_25", 0.25), ("w0_5", 0.5), ("w0_75", 0.75), ("w1", 1.0)])
+def test_cfw_w_sweep_recipe(variant, w, tmp_path):
+    """experiments/sweeps/stablesr_cfw_w.yaml: one eval job per w (StableSR Table 4 layout)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from sr_lab.eval.inference import infer_config
+    from sr_lab.train import CONF_DIR
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="test"):
+        cfg = compose("eval", overrides=["sweep=stablesr_cfw_w", f"variant={variant}", f"lr_dir={tmp_path}",
+                                         "infer.checkpoint=/s1", "infer.decoder_checkpoint=/cfw"],
+                      return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.hydra.sweeper.params.variant == "w0,w0_25,w0_5,w0_75,w1"
+    with open_dict(cfg):
+        del cfg["hydra"]
+    ic = infer_config(cfg, tmp_path / "infer")
+    assert ic.decoder_w == w and ic.decoder_checkpoint == "/cfw" and ic.start == "lr" and ic.color_fix == "adain"
+    assert list(cfg.collect.metrics) == ["psnr", "ssim", "lpips", "fid", "clipiqa", "musiq"]
+
+
+@pytest.mark.slow  # two CPU processes (~40 s); run with `make test-slow`
+@pytest.mark.timeout(400)
+def test_latents_ddp_two_cpu_processes_write_the_same_records(stage1, tmp_path):
+    """trainer=ddp: every rank writes its own shards (k = rank mod 2); the set equals a 1-device run's
+    (up to float summation order in the sampled latents)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import ROOT
+
+    run(_latents_cfg(stage1, tmp_path / "one", tmp_path / "r1", ["records.num=6"]))
+    args = ["experiment=stablesr_latents", f"stage1={stage1}", f"records.dir={tmp_path / 'two'}", "records.num=6",
+            "records.shard_size=2", "data.batch_size=2", "train.total_batch_size=4", "data.crop_size=64",
+            "sampler.steps=3", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32",
+            f"hydra.run.dir={tmp_path / 'r2'}"]
+    proc = subprocess.run([str(Path(sys.executable).parent / "sr-train"), *args], cwd=ROOT,
+                          env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=380)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "rank 0 writes 2 of 3 shard(s)" in out and "rank 1 writes 1 of 3 shard(s)" in out
+    one, two = list_shards(tmp_path / "one"), list_shards(tmp_path / "two")
+    assert [(a, b) for a, b, _ in one] == [(a, b) for a, b, _ in two] == [(0, 2), (2, 4), (4, 6)]
+    for (_, _, p), (_, _, q) in zip(one, two):
+        x, y = load_file(p), load_file(q)
+        assert all(torch.equal(x[k], y[k]) for k in ("lr", "hr", "index"))
+        assert torch.allclose(x["latent"], y["latent"], atol=1e-4)

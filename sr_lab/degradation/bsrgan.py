@@ -246,13 +246,14 @@ def _correlated_noise(h: int, w: int, level_max: int, rng: BSRGANRandom) -> tupl
     return x.T.reshape(1, 3, h, w).float(), {"cov": cov.tolist()}
 
 
-def _noise_map(img: Tensor, lo: int, hi: int, rng: BSRGANRandom, r: float, level: int) -> tuple[Tensor, dict]:
+def _noise_map(img: Tensor, level_max: int, rng: BSRGANRandom, r: float, level: int) -> tuple[Tensor, dict]:
+    """The three noise branches of BSRGAN (spec §2.1): r > 0.6 colour, r < 0.4 gray, else correlated."""
     h, w = img.shape[-2:]
     if r > 0.6:
         return rng.randn((1, 3, h, w)) * (level / 255.0), {"kind": "color"}
     if r < 0.4:
         return rng.randn((1, 1, h, w)) * (level / 255.0), {"kind": "gray"}
-    n, extra = _correlated_noise(h, w, hi, rng)
+    n, extra = _correlated_noise(h, w, level_max, rng)
     return n, {"kind": "correlated", **extra}
 
 
@@ -261,7 +262,7 @@ def add_gaussian_noise(img: Tensor, rng: BSRGANRandom, level_range: tuple[int, i
     lo, hi = level_range
     level = rng.randint(lo, hi)
     r = rng.rand()
-    n, info = _noise_map(img, lo, hi, rng, r, level)
+    n, info = _noise_map(img, hi, rng, r, level)
     out = (img + n.to(img.dtype)).clamp(0, 1)
     return out, {"op": "gaussian_noise", "level": level, **info}
 
@@ -272,7 +273,7 @@ def add_speckle_noise(img: Tensor, rng: BSRGANRandom, level_range: tuple[int, in
     level = rng.randint(lo, hi)
     img = img.clamp(0, 1)
     r = rng.rand()
-    n, info = _noise_map(img, lo, hi, rng, r, level)
+    n, info = _noise_map(img, hi, rng, r, level)
     out = (img + img * n.to(img.dtype)).clamp(0, 1)
     return out, {"op": "speckle_noise", "level": level, **info}
 

@@ -40,9 +40,12 @@ def _job_num(p: Path) -> tuple[int, str]:
 
 
 def load_jobs(sweep_dir: str | Path) -> list[dict]:
-    """Summaries of ``<sweep_dir>/*/summary.json`` (or ``<sweep_dir>/summary.json``), in job order."""
+    """Summaries of ``<sweep_dir>/*/summary.json`` (or ``<sweep_dir>/summary.json``) in job order; a job
+    that stopped on a bad value has ``failed.json`` instead (kept, with its ``error``)."""
     root = Path(sweep_dir)
-    files = sorted(root.glob("*/summary.json"), key=_job_num) or ([root / "summary.json"] if (root / "summary.json").is_file() else [])
+    files = sorted([*root.glob("*/summary.json"), *root.glob("*/failed.json")], key=_job_num)
+    if not files and (root / "summary.json").is_file():
+        files = [root / "summary.json"]
     jobs = []
     for f in files:
         s = json.loads(f.read_text())
@@ -64,8 +67,20 @@ def t_fraction(v: float | None) -> str:
     return f"{num}T" if f.denominator == 1 else f"{num}T/{f.denominator}"
 
 
-def _label(job: dict, i: int) -> str:
-    return str(job.get("variant") or " ".join(job.get("overrides") or []) or job.get("label") or f"job {i}")
+def _label(job: dict, i: int, varying: set[str] | None = None) -> str:
+    """The job's ``variant``, else its overrides that differ between the jobs of the sweep."""
+    if job.get("variant"):
+        return str(job["variant"])
+    ov = [o for o in job.get("overrides") or [] if varying is None or o in varying]
+    return " ".join(ov) or str(job.get("label") or f"job {i}")
+
+
+def _varying(jobs: list[dict]) -> set[str] | None:
+    """Override tokens not shared by every job (the swept values); None for a single job."""
+    if len(jobs) < 2:
+        return None
+    sets = [set(j.get("overrides") or []) for j in jobs]
+    return set.union(*sets) - set.intersection(*sets)
 
 
 def _sampler_cell(job: dict) -> str | None:
@@ -79,9 +94,11 @@ def _sampler_cell(job: dict) -> str | None:
 def collect_rows(jobs: list[dict], metrics: list[str]) -> list[dict]:
     """One dict per job: label, sampler cell, per-metric mean / G-STD (None if unavailable), L-STD."""
     rows = []
+    varying = _varying(jobs)
     for i, job in enumerate(jobs):
-        row: dict[str, Any] = {"label": _label(job, i), "dir": job.get("_dir"), "sampler": _sampler_cell(job),
-                               "l_std": (job.get("stability") or {}).get("l_std"), "metrics": {}}
+        row: dict[str, Any] = {"label": _label(job, i, varying), "dir": job.get("_dir"), "sampler": _sampler_cell(job),
+                               "l_std": (job.get("stability") or {}).get("l_std"), "metrics": {},
+                               "error": job.get("error")}
         for name in metrics:
             m = (job.get("metrics") or {}).get(name) or {}
             row["metrics"][name] = {"mean": m.get("mean") if m.get("available") else None,
@@ -110,8 +127,12 @@ def table_markdown(rows: list[dict], metrics: list[str], title: str | None = Non
             else:
                 cells.append(f"{fmt(m['mean'], METRICS[n].decimals)}/{fmt(m['g_std'], 4)}")
         cells.append(fmt(r["l_std"], 4))
+        if r.get("error"):
+            cells[len(cells) - len(metrics) - 1:] = ["failed"] * (len(metrics) + 1)
         lines.append("| " + " | ".join(cells) + " |")
-    notes = sorted({f"- {n}: {m['reason']}" for r in rows for n, m in r["metrics"].items() if m["reason"]})
+    notes = sorted({f"- {n}: {m['reason']}" for r in rows for n, m in r["metrics"].items()
+                    if m["reason"] and not r.get("error")})
+    notes += [f"- {r['label']}: {r['error']}" for r in rows if r.get("error")]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -129,19 +150,30 @@ def pd_axes(jobs: list[dict], x: str = "psnr", y: str = "auto") -> tuple[str, st
 
 def _points(jobs: list[dict], x: str, y: str) -> list[tuple[str, float, float, float, float]]:
     pts = []
+    varying = _varying(jobs)
     for i, j in enumerate(jobs):
         mx, my = (j.get("metrics") or {}).get(x) or {}, (j.get("metrics") or {}).get(y) or {}
         if mx.get("mean") is None or my.get("mean") is None:
             continue
         if not (math.isfinite(mx["mean"]) and math.isfinite(my["mean"])):
             continue
-        pts.append((_label(j, i), mx["mean"], my["mean"], mx.get("g_std") or 0.0, my.get("g_std") or 0.0))
+        pts.append((_short(_label(j, i, varying)), mx["mean"], my["mean"], mx.get("g_std") or 0.0, my.get("g_std") or 0.0))
     return pts
 
 
 def _axis_label(name: str) -> str:
     s = METRICS[name]
     return f"{s.label} {s.arrow}"
+
+
+def _short(label: str) -> str:
+    """Plot label: ``infer.sampler.t_max=0.5 infer.sampler.t_min=0.2`` -> ``t_max=0.5 t_min=0.2``."""
+    return " ".join(tok.split("=", 1)[0].rsplit(".", 1)[-1] + "=" + tok.split("=", 1)[1] if "=" in tok else tok
+                    for tok in label.split())
+
+
+def _y_title(y: str) -> str:
+    return _axis_label(y) + (" (no perceptual metric available)" if y == "ssim" else " (perception)")
 
 
 def _plot_matplotlib(pts, x: str, y: str, path: Path, title: str) -> None:
@@ -155,7 +187,7 @@ def _plot_matplotlib(pts, x: str, y: str, path: Path, title: str) -> None:
         ax.errorbar(px, py, xerr=ex, yerr=ey, fmt="o", capsize=3)
         ax.annotate(lab, (px, py), textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel(_axis_label(x) + " (distortion)")
-    ax.set_ylabel(_axis_label(y) + " (perception)")
+    ax.set_ylabel(_y_title(y))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -181,7 +213,7 @@ def _plot_pil(pts, x: str, y: str, path: Path, title: str) -> None:
         d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=(31, 119, 180))
         d.text((cx + 6, cy - 12), lab, fill="black")
     d.text((m, h - m + 20), f"{_axis_label(x)} (distortion): {x0:.4g} .. {x1:.4g}", fill="black")
-    d.text((5, 5), f"{_axis_label(y)} (perception): {y0:.4g} .. {y1:.4g}   {title}", fill="black")
+    d.text((5, 5), f"{_y_title(y)}: {y0:.4g} .. {y1:.4g}   {title}", fill="black")
     img.save(path)
 
 
@@ -261,7 +293,6 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as exc:
         print(f"sr-collect: {exc}")
         raise SystemExit(2) from None
-    print((Path(a.sweep_dir) / "collected.md").read_text())
     if out["plot"]:
         print(f"plot: {out['plot']}")
 

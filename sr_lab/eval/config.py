@@ -95,6 +95,17 @@ def _check_metrics(cfg: DictConfig) -> None:
         raise ConfigError(f"metrics.fid.mode={_get(cfg, 'metrics.fid.mode')} must be one of {list(FID_MODES)}")
 
 
+def _check_collect(cfg: DictConfig) -> None:
+    names = _get(cfg, "collect.metrics") or []
+    for n in ([names] if isinstance(names, str) else names):
+        if n not in METRICS:
+            raise ConfigError(f"collect.metrics: unknown metric {n!r} (known: {', '.join(METRICS)})")
+    if _get(cfg, "collect.pd_x") not in METRICS:
+        raise ConfigError(f"collect.pd_x={_get(cfg, 'collect.pd_x')} must be a metric ({', '.join(METRICS)})")
+    if _get(cfg, "collect.pd_y") != "auto" and _get(cfg, "collect.pd_y") not in METRICS:
+        raise ConfigError(f"collect.pd_y={_get(cfg, 'collect.pd_y')} must be auto or a metric ({', '.join(METRICS)})")
+
+
 def _check_inference(cfg: DictConfig) -> None:
     if _get(cfg, "infer") is None:
         raise ConfigError("run_inference=true needs the infer node (conf/infer.yaml) in the eval config")
@@ -115,6 +126,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     if not (_int(up) and up >= 1):
         raise ConfigError(f"upscale={up} must be a positive integer")
     _check_metrics(cfg)
+    _check_collect(cfg)
     _nonneg_int(cfg, "stability.crop_border")
     _nonneg_int(cfg, "report.table_images")
     if _pos_int(cfg, "report.cell_height") < 16:

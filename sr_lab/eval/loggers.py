@@ -21,7 +21,7 @@ from .image_table import save_png
 
 log = logging.getLogger(__name__)
 
-__all__ = ["wandb_group", "knob_overrides", "job_name", "build_eval_loggers", "log_scalars", "log_table"]
+__all__ = ["wandb_group", "task_overrides", "knob_overrides", "job_name", "build_eval_loggers", "log_scalars", "log_table"]
 
 
 def _hydra_cfg():
@@ -51,6 +51,12 @@ _NOT_KNOBS = ("hydra", "paths.", "hr_dir", "lr_dir", "sr_dir", "run_inference", 
               "infer.seed_batch", "metrics.", "report.", "logger", "wandb_group", "task_name", "collect.", "sweep=")
 
 
+def task_overrides() -> list[str]:
+    """All command-line overrides of this job (empty outside a Hydra app)."""
+    hc = _hydra_cfg()
+    return list(hc.overrides.task) if hc is not None else []
+
+
 def knob_overrides() -> list[str]:
     """The job's command-line overrides that change the method (e.g. ``infer.sampler.t_max=0.5``)."""
     hc = _hydra_cfg()
@@ -78,7 +84,11 @@ def build_eval_loggers(cfg: DictConfig) -> list:
             with open_dict(lcfg):
                 lcfg.group = wandb_group(cfg)
                 lcfg.name = lcfg.get("name") or job_name(cfg)
-    return build_loggers(cfg)
+    loggers = build_loggers(cfg)
+    for lg in loggers:  # start the W&B run now, so that a failing evaluation still ends as a finished run
+        if type(lg).__name__ == "WandbLogger":
+            _ = lg.experiment
+    return loggers
 
 
 def log_scalars(loggers: list, scalars: dict[str, float]) -> None:

@@ -12,6 +12,7 @@ finished in a ``finally`` (W&B too) whatever happens. :func:`run_eval` is the in
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from sr_lab.train import CONF_DIR, finish_loggers
 
 from .config import metric_names, validate_eval_config
 from .image_table import save_png, table_cells, table_columns, table_png
-from .loggers import build_eval_loggers, job_name, knob_overrides, log_scalars, log_table
+from .loggers import build_eval_loggers, job_name, log_scalars, log_table, task_overrides
 from .metrics import build_metrics
 from .report import write_reports
 from .score import discover_runs, score_runs
@@ -84,6 +85,48 @@ def _scalars(summary: dict) -> dict[str, float]:
     return out
 
 
+def _base_extra(cfg: DictConfig) -> dict:
+    """What the summary records about this job besides the scores."""
+    return {"created": _dt.datetime.now().isoformat(timespec="seconds"), "versions": _versions(),
+            "label": cfg.get("variant") or job_name(cfg) or cfg.get("task_name"),
+            "variant": cfg.get("variant"), "overrides": task_overrides(),
+            "hr_dir": cfg.get("hr_dir"), "lr_dir": cfg.get("lr_dir"),
+            "crop_border": int(cfg.metrics.crop_border), "crop_all": bool(cfg.metrics.crop_all),
+            "psnr_ssim_impl": str(cfg.metrics.psnr_ssim_impl)}
+
+
+def _sr_root(cfg: DictConfig, out_dir: Path, extra: dict) -> Path:
+    """The folder of SR runs: ``sr_dir``, or the output of inference run now (``run_inference``)."""
+    if not cfg.run_inference:
+        return Path(str(cfg.sr_dir)).expanduser()
+    from .inference import run_inference_for_eval
+
+    sr_root, meta = run_inference_for_eval(cfg, out_dir)
+    extra.update(_inference_extra(cfg, meta, sr_root))
+    return sr_root
+
+
+def _score(cfg: DictConfig, sr_root: Path, names: list[str]):
+    runs = discover_runs(sr_root)
+    log.info("scoring %d run(s) in %s against %s: %s", len(runs), sr_root, cfg.get("hr_dir"), ", ".join(names))
+    metrics, cross, unavailable = build_metrics(
+        names, device=resolve_device(str(cfg.metrics.device)), weights_dir=cfg.metrics.get("weights_dir"),
+        maniqa_checkpoint=str(cfg.metrics.maniqa_checkpoint), psnr_ssim_impl=str(cfg.metrics.psnr_ssim_impl))
+    fid_opts = {k: cfg.metrics.fid[k] for k in ("batch_size", "num_workers", "mode")}
+    return score_runs(runs, cfg.get("hr_dir"), metrics, cross, unavailable, crop_border=int(cfg.metrics.crop_border),
+                      crop_all=bool(cfg.metrics.crop_all), fid_opts=fid_opts, l_std_crop=int(cfg.stability.crop_border))
+
+
+def _publish(cfg: DictConfig, result, summary: dict, out_dir: Path, loggers: list) -> None:
+    """The LR | SR … | HR table (PNG next to the reports) and everything the loggers get."""
+    rows = table_cells(result, cfg.get("lr_dir"), int(cfg.report.table_images), int(cfg.report.cell_height))
+    png = table_png(rows, columns=table_columns(result))
+    if png is not None:
+        save_png(png, out_dir / "lr_sr_hr.png")
+    log_scalars(loggers, _scalars(summary))
+    log_table(loggers, png, rows, table_columns(result))
+
+
 def run_eval(cfg: DictConfig) -> dict:
     """Evaluate as configured (module docstring); returns the summary dict (also in ``summary.json``)."""
     validate_eval_config(cfg)
@@ -93,37 +136,11 @@ def run_eval(cfg: DictConfig) -> dict:
     loggers = build_eval_loggers(cfg)
     status = "failed"
     try:
-        extra: dict = {"created": _dt.datetime.now().isoformat(timespec="seconds"), "versions": _versions(),
-                       "label": cfg.get("variant") or job_name(cfg) or cfg.get("task_name"),
-                       "variant": cfg.get("variant"), "overrides": knob_overrides(),
-                       "hr_dir": cfg.get("hr_dir"), "lr_dir": cfg.get("lr_dir"),
-                       "crop_border": int(cfg.metrics.crop_border), "crop_all": bool(cfg.metrics.crop_all),
-                       "psnr_ssim_impl": str(cfg.metrics.psnr_ssim_impl)}
-        if cfg.run_inference:
-            from .inference import run_inference_for_eval
-
-            sr_root, meta = run_inference_for_eval(cfg, out_dir)
-            extra.update(_inference_extra(cfg, meta, sr_root))
-        else:
-            sr_root = Path(str(cfg.sr_dir)).expanduser()
-        runs = discover_runs(sr_root)
-        log.info("scoring %d run(s) in %s against %s: %s", len(runs), sr_root, cfg.get("hr_dir"), ", ".join(names))
-        device = resolve_device(str(cfg.metrics.device))
-        metrics, cross, unavailable = build_metrics(
-            names, device=device, weights_dir=cfg.metrics.get("weights_dir"),
-            maniqa_checkpoint=str(cfg.metrics.maniqa_checkpoint), psnr_ssim_impl=str(cfg.metrics.psnr_ssim_impl))
-        fid_opts = {k: cfg.metrics.fid[k] for k in ("batch_size", "num_workers", "mode")}
-        result = score_runs(runs, cfg.get("hr_dir"), metrics, cross, unavailable, crop_border=int(cfg.metrics.crop_border),
-                            crop_all=bool(cfg.metrics.crop_all), device=device, fid_opts=fid_opts,
-                            l_std_crop=int(cfg.stability.crop_border))
+        extra = _base_extra(cfg)
+        result = _score(cfg, _sr_root(cfg, out_dir, extra), names)
         extra["config"] = _resolved(cfg)
         summary = write_reports(result, out_dir, names, extra, title=str(extra["label"] or ""))
-        rows = table_cells(result, cfg.get("lr_dir"), int(cfg.report.table_images), int(cfg.report.cell_height))
-        png = table_png(rows, columns=table_columns(result))
-        if png is not None:
-            save_png(png, out_dir / "lr_sr_hr.png")
-        log_scalars(loggers, _scalars(summary))
-        log_table(loggers, png, rows, table_columns(result))
+        _publish(cfg, result, summary, out_dir, loggers)
         log.info("evaluation written to %s\n%s", out_dir, (out_dir / "summary.md").read_text())
         status = "success"
         return summary
@@ -131,19 +148,31 @@ def run_eval(cfg: DictConfig) -> dict:
         finish_loggers(loggers, status)
 
 
+def _record_failed_job(cfg: DictConfig, kind: str, exc: Exception) -> None:
+    """In a multirun, a job with a bad value is recorded (``failed.json``, shown by sr-collect) and the
+    sweep goes on with the other jobs instead of stopping."""
+    out = Path(str(cfg.paths.output_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "failed.json").write_text(json.dumps({"error": f"{kind}: {exc}", "variant": cfg.get("variant"),
+                                                 "overrides": task_overrides()}, indent=2))
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from sr_lab.inference.stage import StageLoadError
 
     try:
         run_eval(cfg)
-    except ConfigError as exc:
-        log.error("config error: %s", exc)
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except StageLoadError as exc:
-        log.error("checkpoint error: %s", exc)
-        print(f"checkpoint error: {exc}", file=sys.stderr)
+    except (ConfigError, StageLoadError) as exc:
+        kind = "config error" if isinstance(exc, ConfigError) else "checkpoint error"
+        log.error("%s: %s", kind, exc)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            _record_failed_job(cfg, kind, exc)
+            return
+        print(f"{kind}: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

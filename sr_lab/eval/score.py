@@ -126,10 +126,10 @@ class EvalResult:
 
 def _pair_run(run: Run, hr_files: list[str] | None) -> PairReport:
     sr_files = find_images(run.sr_dir, recursive=False)
-    if hr_files is None:  # no-reference only: every SR image is "paired" with nothing
-        rep = PairReport()
-        for f in sr_files:
-            rep.pairs[pair_key(f)] = ("", f)
+    if hr_files is None:  # no-reference only: every SR image is "paired" with nothing (duplicates still reported)
+        rep = pair_files([], sr_files)
+        rep.pairs = {pair_key(f): ("", f) for f in rep.only_b}
+        rep.only_b = []
         return rep
     return check_sizes(pair_files(hr_files, sr_files), scale=1)
 
@@ -183,8 +183,7 @@ def _crosscheck(result: EvalResult, cross: dict[str, Metric]) -> None:
         result.crosscheck[name] = entry
 
 
-def _set_metric(name: str, m: Metric, run: Run, rep: PairReport, device: torch.device, fid_opts: dict,
-                result: EvalResult) -> None:
+def _set_metric(name: str, m: Metric, run: Run, rep: PairReport, fid_opts: dict, result: EvalResult) -> None:
     usable = rep.usable
     if len(usable) < 2:
         msg = f"[{run.name}] {name}: needs at least 2 scored images, got {len(usable)}"
@@ -199,7 +198,7 @@ def _set_metric(name: str, m: Metric, run: Run, rep: PairReport, device: torch.d
         for k, (hr, sr) in usable.items():  # only the scored pairs, same names on both sides
             os.symlink(Path(hr).resolve(), hr_d / f"{k}{Path(hr).suffix}")
             os.symlink(Path(sr).resolve(), sr_d / f"{k}{Path(sr).suffix}")
-        value = m.fn(str(hr_d), str(sr_d), device=device, verbose=False, **fid_opts)
+        value = m.fn(str(hr_d), str(sr_d), verbose=False, **fid_opts)  # pyiqa passes its own device
     result.set_scores.setdefault(name, {})[run.name] = float(value)
 
 
@@ -240,7 +239,7 @@ def _stability(result: EvalResult, crop: int) -> None:
 
 def score_runs(runs: list[Run], hr_dir: str | os.PathLike | None, metrics: dict[str, Metric],
                cross: dict[str, Metric], unavailable: dict[str, str], *, crop_border: int, crop_all: bool = False,
-               device: torch.device = torch.device("cpu"), fid_opts: dict | None = None,
+               fid_opts: dict | None = None,
                l_std_crop: int = L_STD_CROP) -> EvalResult:
     """Score every run (see the module docstring); ``metrics``/``cross``/``unavailable`` from
     :func:`sr_lab.eval.metrics.build_metrics`."""
@@ -267,7 +266,7 @@ def score_runs(runs: list[Run], hr_dir: str | os.PathLike | None, metrics: dict[
                 result.scores.setdefault(n, {}).setdefault(key, {})[run.name] = v
         for name, m in result.metrics.items():
             if m.spec.kind == "set":
-                _set_metric(name, m, run, rep, device, fid_opts or {}, result)
+                _set_metric(name, m, run, rep, fid_opts or {}, result)
     _crosscheck(result, cross)
     _stability(result, l_std_crop)
     return result

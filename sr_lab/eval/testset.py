@@ -167,7 +167,10 @@ def make_testset(cfg: DictConfig) -> Path:
     out = Path(str(cfg.out_dir)).expanduser()
     device = torch.device("cuda" if str(cfg.device) == "auto" and torch.cuda.is_available() else
                           ("cpu" if str(cfg.device) == "auto" else str(cfg.device)))
-    deg = hydra.utils.instantiate(cfg.degradation).to(device)
+    try:
+        deg = hydra.utils.instantiate(cfg.degradation).to(device)
+    except Exception as exc:  # the degradation classes validate their arguments (ValueError naming it)
+        raise ConfigError(f"degradation: {exc.__cause__ or exc}") from None
     if hasattr(deg, "resize_lr_to_hr"):
         deg.resize_lr_to_hr = False
     up, size, seed = int(cfg.upscale), cfg.get("crop_size"), int(cfg.seed)

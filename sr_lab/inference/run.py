@@ -267,7 +267,8 @@ def run_inference(cfg: DictConfig) -> Path:
         stage, sampler, decoder_stage=decoder, decoder_w=cfg.get("decoder_w"), upscale=upscale,
         start=str(cfg.start), cfg_scale=float(cfg.cfg_scale), negative_prompt=str(cfg.negative_prompt),
         prompt=cfg.get("prompt"), color_fix=str(cfg.color_fix), wavelet_levels=int(cfg.get("wavelet_levels", 5)),
-        tile=TileSettings(bool(cfg.tile.enabled), int(cfg.tile.size), int(cfg.tile.overlap), int(cfg.tile.get("batch", 4))),
+        tile=TileSettings(bool(cfg.tile.enabled), int(cfg.tile.size), int(cfg.tile.overlap),
+                          int(cfg.tile.get("batch", 4))),
         vae_tile=VAETileSettings(bool(cfg.vae_tile.enabled), int(cfg.vae_tile.size), int(cfg.vae_tile.overlap)),
         precision=str(cfg.precision), seed_batch=cfg.get("seed_batch"), progress=bool(cfg.get("progress", True)))
     load_s = time.perf_counter() - t_start

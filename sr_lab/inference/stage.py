@@ -66,7 +66,8 @@ def read_stage_source(source: str | Path) -> StageSource:
                                  f"{type(exc).__name__}: {exc}") from exc
         return StageSource(weights, cfg, state)
     if p.suffix != ".ckpt":
-        raise StageLoadError(f"checkpoint {p} is neither an export/run folder, a trainable.safetensors nor a .ckpt file")
+        raise StageLoadError(f"checkpoint {p} is neither an export/run folder, a trainable.safetensors "
+                             f"nor a .ckpt file")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -65,7 +65,8 @@ def gaussian_weights(height: int, width: int, var: float = 0.01, device=None,
     return torch.outer(axis(height), axis(width)).to(device=device, dtype=dtype)
 
 
-def feather_weights(height: int, width: int, ramp: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def feather_weights(height: int, width: int, ramp: int, device=None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Linear-ramp (feathered) weights, 1 inside and falling to 1/(ramp+1) at the tile border over
     ``ramp`` pixels; strictly positive."""
     def axis(n: int) -> torch.Tensor:
@@ -210,7 +211,8 @@ def tiled_decode(decode_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.
         return decode_fn(latent, image_cond)
     out = total = w = None
     for y, x, th, tw in boxes:
-        cond = None if image_cond is None else image_cond[..., y * factor:(y + th) * factor, x * factor:(x + tw) * factor]
+        cond = None if image_cond is None else \
+            image_cond[..., y * factor:(y + th) * factor, x * factor:(x + tw) * factor]
         img = decode_fn(latent[..., y:y + th, x:x + tw], cond).float()
         if out is None:
             out = torch.zeros(img.shape[0], img.shape[1], lh * factor, lw * factor, device=img.device)

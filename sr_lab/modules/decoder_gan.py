@@ -137,6 +137,15 @@ class DecoderGANFinetune(pl.LightningModule):
         if self._ddp():  # two backward passes per forward: gradients are all-reduced by hand in _step
             self.trainer.strategy.model.require_backward_grad_sync = False
 
+    def on_train_end(self) -> None:
+        if self._ddp():  # manual gradient sync: prove the replicas ended identical (weights, not BN statistics)
+            flat = torch.cat([p.detach().float().reshape(-1) for p in self.trainable_parameters()])
+            digest = torch.stack([flat.sum(), flat.square().sum()])
+            gathered = self.all_gather(digest)
+            if not torch.allclose(gathered, gathered[0:1].expand_as(gathered), rtol=1e-6, atol=0):
+                raise RuntimeError(f"DDP replicas diverged: per-rank weight digests {gathered.tolist()}")
+            log.info("DDP replicas in sync (weight digest %s)", digest.tolist())
+
     def _ddp(self) -> bool:
         return self.trainer is not None and type(self.trainer.strategy).__name__.startswith("DDP") \
             and self.trainer.world_size > 1
@@ -180,6 +189,8 @@ class DecoderGANFinetune(pl.LightningModule):
         return iteration >= self.disc_start
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self._ddp():  # Lightning's forward redirection turns DDP's reducer back on after every step
+            self.trainer.strategy.model.require_backward_grad_sync = False
         gen = make_generator(self.seed, "train", self._micro, self.global_rank, device=batch["hr"].device)
         latent, lr, hr = self.inputs(batch, gen)
         x = hr * 2 - 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,8 @@ from sr_lab.modules.stage_io import load_frozen_adapter
 from sr_lab.utils.seeding import make_generator
 
 log = logging.getLogger(__name__)
+# predict_step writes shards and returns nothing on purpose
+warnings.filterwarnings("ignore", message=r".*predict returned None.*")
 
 __all__ = ["LatentRecordWriter"]
 
