@@ -11,12 +11,12 @@ Usage: python benchmarks/degradation.py [--batch 16] [--size 512] [--iters N] [-
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
 from sr_lab.degradation import BicubicDegradation, RealESRGANDegradation
+from sr_lab.utils.device import device_name
 
 # Preset overrides of the Real-ESRGAN x4plus defaults (mirror conf/degradation/*.yaml).
 _STABLESR_CCSR = dict(
@@ -32,18 +32,6 @@ PRESETS = {
 }
 
 
-def device_name(device: torch.device) -> str:
-    """GPU name, or the CPU model from /proc/cpuinfo."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
 
 
 def sync(device: torch.device) -> None:

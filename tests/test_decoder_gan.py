@@ -7,7 +7,7 @@ from helpers import FAST, compose_train
 from sr_lab.config.validation import ConfigError, validate_config
 from sr_lab.losses.gan import NLayerDiscriminator, adaptive_weight, hinge_d_loss, hinge_g_loss
 from sr_lab.losses.perceptual import VGG16_FILE, LPIPSLoss
-from sr_lab.models.decoders import CFWDecoder, FusionBlock, VAEDecoderFinetune
+from sr_lab.models.decoders import CFWDecoder, VAEDecoderFinetune
 from sr_lab.train import run
 from sr_lab.utils.weights import MissingWeights
 from stage_inputs import fake_records, stage1_export

@@ -22,7 +22,6 @@ import inspect
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from sr_lab.config.validation import ConfigError
 from sr_lab.inference.color_fix import METHODS as COLOR_FIX_METHODS
 from sr_lab.inference.stage import StageLoadError
 from sr_lab.train import CONF_DIR
+from sr_lab.utils.device import device_name
 
 log = logging.getLogger("sr_lab.infer")
 
@@ -179,17 +179,6 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def effective_sampler_config(infer_sampler: Any, stage_cfg: DictConfig) -> dict:

@@ -151,9 +151,9 @@ def load_pretrained(path: str, dtype: str = "float32", local_files_only: bool | 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    how_to = (f"Download an SD 2.1-base diffusers folder (e.g. `huggingface-cli download "
-              f"stabilityai/stable-diffusion-2-1-base --local-dir /path/sd21-base` on a machine with "
-              f"network access) and set backbone.path=/path/sd21-base")
+    how_to = ("Download an SD 2.1-base diffusers folder (e.g. `huggingface-cli download "
+              "stabilityai/stable-diffusion-2-1-base --local-dir /path/sd21-base` on a machine with "
+              "network access) and set backbone.path=/path/sd21-base")
     if looks_like_local_path(path):
         root = Path(path).expanduser()
         if not root.is_dir():
