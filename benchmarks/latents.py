@@ -3,7 +3,8 @@
 Composes the ``stablesr_latents`` preset, makes an (untrained, same cost) stage-1 export unless
 ``--stage1`` is given, runs ``trainer.predict`` on this machine's device and prints one line, e.g.
 
-    latents stablesr_latents backbone=tiny crop=128 batch=4 steps=200 device=cpu (<cpu model>) torch=2.x: X.XX records/s (Y s/record)
+    latents stablesr_latents backbone=tiny crop=128 batch=4 steps=200 device=cpu (<cpu model>) torch=2.x:
+        X.XX records/s (Y s/record)
 
 The rate counts the batches after the first (warm-up) one: HR crop loading, the StableSR degradation,
 DDPM sampling (``--steps``) with the time-aware SFT adapter, and the shard writes.

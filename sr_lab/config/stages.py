@@ -133,7 +133,8 @@ def _check_records_meta(cfg: DictConfig, error: type[Exception]) -> None:
     if not meta:
         return
     stage1 = OmegaConf.select(cfg, "stage1", default=None)
-    now = {"shard_size": OmegaConf.select(cfg, "records.shard_size"), "crop_size": OmegaConf.select(cfg, "data.crop_size"),
+    now = {"shard_size": OmegaConf.select(cfg, "records.shard_size"),
+           "crop_size": OmegaConf.select(cfg, "data.crop_size"),
            "seed": OmegaConf.select(cfg, "seed"), "start": OmegaConf.select(cfg, "module.start", default=None),
            "stage1": str(Path(str(stage1)).expanduser().resolve()) if stage1 else None}
     for k, v in now.items():

@@ -39,7 +39,8 @@ from .datamodule import CounterSampler, SRDataModule, _ResumableLoader, collate_
 
 log = logging.getLogger("sr_lab.data")
 
-__all__ = ["shard_name", "list_shards", "select_shards", "read_meta", "write_shard", "shard_ranges", "RecordSourceDataModule",
+__all__ = ["shard_name", "list_shards", "select_shards", "read_meta", "write_shard", "shard_ranges",
+           "RecordSourceDataModule",
            "LatentRecordsDataset", "LatentRecordsDataModule", "collate_records", "FORMAT"]
 
 FORMAT = "sr_lab-latent-records-v1"
@@ -132,7 +133,8 @@ class _IndexSampler(DistributedSampler):
     def __init__(self, indices: Sequence[int], world_size: int = 1, rank: int = 0):
         Sampler.__init__(self)
         self.indices = [int(i) for i in indices]
-        self.num_replicas, self.rank, self.shuffle, self.drop_last, self.epoch, self.seed = world_size, rank, False, False, 0, 0
+        self.num_replicas, self.rank = world_size, rank
+        self.shuffle, self.drop_last, self.epoch, self.seed = False, False, 0, 0
 
     def __iter__(self):
         return iter(self.indices)
@@ -235,7 +237,8 @@ class LatentRecordsDataset(Dataset):
             raise ValueError(f"crop_size={crop_size} must be a multiple of {VAE_FACTOR} and at most the "
                              f"records' size {self.hr_size}")
         if c != self.hr_size and (VAE_FACTOR % self.lr_factor or c % self.lr_factor):
-            raise ValueError(f"cannot crop records whose LR is 1/{self.lr_factor} of the HR; use crop_size={self.hr_size}")
+            raise ValueError(f"cannot crop records whose LR is 1/{self.lr_factor} of the HR; "
+                             f"use crop_size={self.hr_size}")
         self.crop_size = c
         self._files: dict[int, Any] = {}
         self._perm: tuple[int, torch.Tensor] | None = None

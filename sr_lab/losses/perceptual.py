@@ -78,7 +78,8 @@ class LPIPSLoss(nn.Module):
         lpips.to_empty(device="cpu")
         lpips.scaling_layer = tm_lpips.ScalingLayer()
         heads = Path(tm_lpips.__file__).parent / "lpips_models" / "vgg.pth"
-        state = {k: v for k, v in torch.load(heads, map_location="cpu", weights_only=True).items() if k.startswith("lin")}
+        state = {k: v for k, v in torch.load(heads, map_location="cpu", weights_only=True).items()
+                 if k.startswith("lin")}
         if path is not None:
             state.update(_trunk_state(torch.load(path, map_location="cpu", weights_only=True)))
         else:
@@ -89,7 +90,8 @@ class LPIPSLoss(nn.Module):
                         nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                         nn.init.zeros_(m.bias)
         result = lpips.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if (k.startswith("lin") and not k.startswith("lins.")) or (path is not None and k.startswith("net."))]
+        missing = [k for k in result.missing_keys if (k.startswith("lin") and not k.startswith("lins."))
+                   or (path is not None and k.startswith("net."))]
         if missing:
             raise ValueError(f"LPIPS weights incomplete (missing {missing[:3]}; is {path} a torchvision VGG16 file?)")
         self.lpips = lpips

@@ -141,7 +141,8 @@ class CFWDecoder(nn.Module):
         return None  # the decoder's conv_out is frozen: the authors' λ falls back to the fixed weight
 
     # -- hooks -------------------------------------------------------------------------------------
-    def encoder_features(self, backbone: nn.Module, lr01: torch.Tensor, size: tuple[int, int]) -> dict[int, torch.Tensor]:
+    def encoder_features(self, backbone: nn.Module, lr01: torch.Tensor,
+                         size: tuple[int, int]) -> dict[int, torch.Tensor]:
         """F_e: the frozen VAE encoder's features of the LR (after each fused level's res blocks)."""
         vae, feats, handles = backbone.vae, {}, []
 

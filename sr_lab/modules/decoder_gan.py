@@ -128,7 +128,8 @@ class DecoderGANFinetune(pl.LightningModule):
             self.perceptual = self._perceptual_factory()
 
     def configure_optimizers(self):
-        gen = torch.optim.Adam(self.generator_parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        gen = torch.optim.Adam(self.generator_parameters(), lr=self.lr, betas=self.betas,
+                               weight_decay=self.weight_decay)
         disc = torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas,
                                 weight_decay=self.weight_decay)
         return [gen, disc]

@@ -109,8 +109,6 @@ class DiffusionAdapterFinetune(pl.LightningModule):
         if "FSDP" in name and (self.optimizer_mode != "combined" or self.accumulate != 1):
             raise ValueError("FSDP trains with optim.mode=combined and no accumulation "
                              "(train.total_batch_size = data.batch_size x world size); use trainer=ddp otherwise")
-        if self._ddp():
-            self.trainer.strategy.model.require_backward_grad_sync = False  # we all-reduce in _step
 
     def _ddp(self) -> bool:
         return self.trainer is not None and type(self.trainer.strategy).__name__.startswith("DDP") \
@@ -158,6 +156,8 @@ class DiffusionAdapterFinetune(pl.LightningModule):
             p.grad, self._stash[i][j] = self._stash[i][j], p.grad
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self._ddp():  # Lightning re-enables the reducer after every step; we all-reduce in _step
+            self.trainer.strategy.model.require_backward_grad_sync = False
         hr, lr = batch["hr"], batch["lr"]
         gen = make_generator(self.seed, "train", self._micro, self.global_rank, device=hr.device)
         x0 = self.backbone.encode(hr, generator=gen, sample=True)

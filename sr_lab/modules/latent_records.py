@@ -158,7 +158,8 @@ class LatentRecordWriter(pl.LightningModule):
         if have < stop - start:
             return
         if have > stop - start:
-            raise RuntimeError(f"batches straddle the shard [{start}, {stop}); shard_size must be a multiple of the batch size")
+            raise RuntimeError(f"batches straddle the shard [{start}, {stop}); "
+                               f"shard_size must be a multiple of the batch size")
         shard = {k: torch.cat([b[k] for b in self._buffer]) for k in ("lr", "hr", "latent", "index")}
         if not torch.equal(shard["index"], torch.arange(start, stop)):
             raise RuntimeError(f"shard [{start}, {stop}) received records out of order")
