@@ -43,6 +43,7 @@ from torch import nn
 
 from sr_lab.losses.gan import adaptive_weight, hinge_d_loss, hinge_g_loss
 from sr_lab.metrics.psnr_ssim import finite_mean, psnr_y, ssim_y
+from sr_lab.modules.checkpointing import TrainableOnlyCheckpoint
 from sr_lab.utils.image_log import log_image, make_grid_rows
 from sr_lab.utils.seeding import make_generator
 
@@ -58,7 +59,7 @@ def _build(component: Any, backbone: nn.Module) -> Any:
     return component(backbone)
 
 
-class DecoderGANFinetune(pl.LightningModule):
+class DecoderGANFinetune(TrainableOnlyCheckpoint, pl.LightningModule):
     def __init__(self, backbone: nn.Module, decoder: Callable | nn.Module, discriminator: nn.Module,
                  perceptual: Callable | nn.Module | None = None, latent_source: Callable | nn.Module | None = None,
                  *, lr: float = 5e-5, betas: tuple[float, float] = (0.5, 0.9), weight_decay: float = 0.0,
@@ -261,24 +262,4 @@ class DecoderGANFinetune(pl.LightningModule):
                       caption="LR (bicubic) | SR | HR")
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def trainable_state_keys(self) -> set[str]:
-        """Names of trainable parameters plus the buffers of modules that own trainable parameters
-        (the discriminator's BatchNorm statistics)."""
-        keys = {n for n, p in self.named_parameters() if p.requires_grad}
-        owners = {n.rsplit(".", 1)[0] for n in keys}
-        for name, _ in self.named_buffers():
-            if name.rsplit(".", 1)[0] in owners:
-                keys.add(name)
-        return keys
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = self.trainable_state_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["sr_lab"] = {"micro_batches": self._micro, "config": self.run_config}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]} "
-                           f"(was it written by another stage?)")
-        self._micro = int(checkpoint.get("sr_lab", {}).get("micro_batches", 0))
+    # trainable_state_keys / on_save_checkpoint / on_load_checkpoint: TrainableOnlyCheckpoint

@@ -37,13 +37,14 @@ import torch
 from torch import nn
 
 from sr_lab.metrics.psnr_ssim import finite_mean, psnr_y, ssim_y
+from sr_lab.modules.checkpointing import TrainableOnlyCheckpoint
 from sr_lab.utils.image_log import log_image, make_grid_rows
 from sr_lab.utils.seeding import make_generator
 
 log = logging.getLogger(__name__)
 
 
-class DiffusionAdapterFinetune(pl.LightningModule):
+class DiffusionAdapterFinetune(TrainableOnlyCheckpoint, pl.LightningModule):
     def __init__(self, backbone: nn.Module, adapter: Callable[[nn.Module], nn.Module] | nn.Module,
                  loss: Any, sampler: Callable, *, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.01, optimizer_mode: str = "alternate", accumulate: int = 1,
@@ -220,23 +221,4 @@ class DiffusionAdapterFinetune(pl.LightningModule):
             log_image(self.trainer, "val/lr_sr_hr", grid, caption="LR (bicubic) | SR | HR")
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def trainable_state_keys(self) -> set[str]:
-        """Names of trainable parameters plus the buffers of modules that own trainable parameters."""
-        keys = {n for n, p in self.named_parameters() if p.requires_grad}
-        owners = {n.rsplit(".", 1)[0] for n in keys}
-        for name, _ in self.named_buffers():
-            if name.rsplit(".", 1)[0] in owners:
-                keys.add(name)
-        return keys
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = self.trainable_state_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["sr_lab"] = {"micro_batches": self._micro, "config": self.run_config}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = sorted(self.trainable_state_keys() - set(checkpoint["state_dict"]))
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} trainable tensors, e.g. {missing[:3]} "
-                           f"(was it written by another stage or adapter?)")
-        self._micro = int(checkpoint.get("sr_lab", {}).get("micro_batches", 0))
+    # trainable_state_keys / on_save_checkpoint / on_load_checkpoint: TrainableOnlyCheckpoint
