@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="export folder or .ckpt (default: tiny CCSR stage 1)")
     ap.add_argument("--sampler", default=None, help="sampler option in conf/sampler (default: the stage's)")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--timesteps", default=None, help="explicit list, e.g. 999,749,499,249")
     ap.add_argument("--size", type=int, default=128, help="LR side in pixels")
     ap.add_argument("--upscale", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=10, help="N seeds for the batched vs one-by-one line")
@@ -87,8 +88,13 @@ def main() -> None:
     else:
         scfg = OmegaConf.to_container(cfg.sampler, resolve=True)
     if args.steps is not None:
-        scfg["steps"] = args.steps
+        scfg["grid" if "grid" in scfg else "steps"] = args.steps
+    if args.timesteps:
+        scfg["timesteps"] = [int(t) for t in args.timesteps.split(",")]
     sampler = hydra.utils.instantiate(scfg)
+    from sr_lab.diffusion.samplers import sampler_timesteps
+
+    declared = len(sampler_timesteps(sampler, stage.backbone.num_timesteps))
     calls = []
 
     def counting(model, noise, cond, abar, **kw):
@@ -116,7 +122,9 @@ def main() -> None:
     cpu_per_image = (time.process_time() - c0) / args.iters
     n_calls = len(calls) // args.iters
     mem, mem_kind = peak_memory_mib(device)
-    print(f"inference {name} {args.size}->{out_side} sampler={sname} steps={scfg.get('steps')} ({n_calls} model calls) "
+    knobs = " ".join(f"{k}={v}" for k, v in scfg.items() if not k.startswith("_") and k != "hook" and v is not None)
+    print(f"inference {name} {args.size}->{out_side} sampler={sname} {knobs} ({declared} listed timesteps, "
+          f"{n_calls} model calls counted) "
           f"precision={args.precision} device={device.type} ({device_name(device)}) torch={torch.__version__}: "
           f"{per_image:.2f} s/image (process CPU time {cpu_per_image:.2f} s), peak memory {mem:.0f} MiB ({mem_kind})")
 

@@ -40,12 +40,18 @@ def _wandb_offline(setting: Any) -> bool:
 
 
 def build_loggers(cfg: DictConfig) -> list:
+    from lightning.pytorch.loggers import WandbLogger
+
     loggers = []
     for name, lcfg in (cfg.get("logger") or {}).items():
         if lcfg is None:
             continue
         lcfg = OmegaConf.to_container(lcfg, resolve=True)
-        if lcfg["_target_"].endswith("WandbLogger"):
+        try:  # the logger's class (imported, not built); a bad target fails in instantiate below
+            cls = hydra.utils.get_class(lcfg["_target_"])
+        except Exception:  # noqa: BLE001
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, WandbLogger):
             lcfg["offline"] = _wandb_offline(lcfg.get("offline", "auto"))
             if lcfg["offline"]:
                 os.environ.setdefault("WANDB_MODE", "offline")
@@ -59,7 +65,9 @@ def finish_loggers(loggers: list, status: str) -> None:
             lg.finalize(status)
         except Exception as exc:  # pragma: no cover - best effort
             log.warning("logger %s finalize failed: %s", type(lg).__name__, exc)
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
 
         wandb.finish(exit_code=0 if status == "success" else 1)
@@ -101,6 +109,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     status = "failed"
     try:
         from lightning.pytorch import seed_everything
+        from lightning.pytorch.callbacks import ModelCheckpoint
 
         from sr_lab.utils.checkpoint_io import AtomicCheckpointIO
 
@@ -113,24 +122,31 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if cfg.train.total_batch_size % per_step:
             raise ConfigError(f"train.total_batch_size={cfg.train.total_batch_size} is not a multiple of "
                               f"data.batch_size x world size = {cfg.data.batch_size} x {world}")
-        accumulate = cfg.train.total_batch_size // per_step
+        fit = cfg.get("run_mode", "fit") == "fit"
+        # micro-batches per iteration (a predict loop does not accumulate)
+        accumulate = cfg.train.total_batch_size // per_step if fit else 1
 
         # the stage: one instantiate; the module config pulls backbone/adapter/loss/sampler in
+        from sr_lab.modules.protocol import TrainableStage, missing_members
+
         module = inst(cfg.module)
-        module.accumulate = accumulate
-        module.run_config = OmegaConf.to_container(cfg, resolve=True)  # stored in checkpoints
+        if not isinstance(module, TrainableStage):
+            lacks = ", ".join(missing_members(module)) or "a member that does not resolve"
+            raise ConfigError(f"module._target_={OmegaConf.select(cfg, 'module._target_')} builds "
+                              f"{type(module).__name__}, not an sr_lab stage (sr_lab.modules.protocol."
+                              f"TrainableStage): it lacks {lacks}")
+        module.configure_run(accumulate, OmegaConf.to_container(cfg, resolve=True))  # config: stored in checkpoints
         steps_per_iter = module.optimizer_steps_per_iteration
         trainer.fit_loop.epoch_loop.max_steps = int(cfg.train.iterations) * steps_per_iter
         trainer.val_check_interval = int(cfg.train.val_every) * accumulate  # in batches
         trainer.check_val_every_n_epoch = None
         trainer.log_every_n_steps = int(cfg.train.log_every) * accumulate
         for cb in callbacks:
-            if type(cb).__name__ == "ModelCheckpoint":
+            if isinstance(cb, ModelCheckpoint):
                 cb._every_n_train_steps = int(cfg.train.ckpt_every) * steps_per_iter
         log.info("task=%s module=%s trainable=%.2fM params accumulate=%d world=%d", cfg.task_name,
                  type(module).__name__, sum(p.numel() for p in module.trainable_parameters()) / 1e6,
                  accumulate, world)
-        fit = cfg.get("run_mode", "fit") == "fit"
         if fit:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         else:  # run_mode=predict: the stage's predict_step writes its outputs (e.g. latent records)

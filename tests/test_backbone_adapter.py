@@ -4,7 +4,8 @@ import time
 import pytest
 import torch
 
-from sr_lab.models.adapters.controlnet import ControlNetAdapter
+from sr_lab.models.branches.controlnet import ControlNetBranch
+from sr_lab.models.runner import ControlledUNet
 from sr_lab.models.backbone import BackboneUnavailable, build_tiny, load_pretrained
 
 
@@ -37,7 +38,7 @@ def test_empty_prompt_embedding_is_cached(tiny_backbone, monkeypatch):
 
 def test_controlnet_starts_as_identity_and_only_it_trains(tiny_backbone):
     bb = tiny_backbone
-    ad = ControlNetAdapter(bb.unet, seed=0)
+    ad = ControlledUNet(bb.unet, {"controlnet": ControlNetBranch(bb.unet, seed=0)})
     x = torch.randn(2, 4, 8, 8)
     t = torch.tensor([3, 700])
     cond = ad.condition(bb, torch.rand(2, 3, 16, 16), (64, 64))

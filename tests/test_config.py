@@ -32,7 +32,7 @@ def test_preset_composes_validates_and_instantiates(name, tmp_path, tmp_path_fac
 def test_ccsr_stage1_preset_has_the_paper_settings(tmp_path):
     cfg = compose_train(["experiment=ccsr_stage1"], tmp_path)
     assert cfg.schedule.t_max == pytest.approx(2 / 3, abs=1e-3) and cfg.schedule.t_min == pytest.approx(1 / 3, abs=1e-3)
-    assert cfg.sampler.t_max == cfg.schedule.t_max and cfg.sampler.steps == 45
+    assert cfg.sampler.t_max == cfg.schedule.t_max and cfg.sampler.grid == 45
     assert cfg.loss._target_.endswith("CCSRNUTL") and cfg.optim.lr == pytest.approx(1e-4)
     assert cfg.backbone._target_.endswith("build_tiny")
     paper = compose_train(["experiment=ccsr_stage1", "scale=paper"], tmp_path)

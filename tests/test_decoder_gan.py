@@ -166,15 +166,15 @@ def test_cfw_and_ccsr_stage2_presets_have_the_authors_settings(tmp_path, tmp_pat
     s = compose_train(["experiment=ccsr_stage2", "stage1=/x"], tmp_path)
     assert s.module.disc_weight == pytest.approx(0.5) and s.module.adaptive_disc_weight is True
     assert s.optim.lr == pytest.approx(5e-6) and list(s.optim.betas) == [0.5, 0.9]
-    assert s.module.latent_source.start == "hr" and s.sampler.steps == 45 and s.method.paper_iterations == 100
+    assert s.module.latent_source.start == "hr" and s.sampler.grid == 45 and s.method.paper_iterations == 100
 
 
 class _StepSpy:
     """Records, for every optimizer step of a DecoderGANFinetune, which parameters changed."""
 
     def __init__(self, module):
-        self.module, self.log, self._orig = module, [], module._step
-        module._step = self
+        self.module, self.log, self._orig = module, [], module.step_optimizer
+        module.step_optimizer = self
 
     def __call__(self, opt):
         m = self.module
@@ -227,7 +227,7 @@ def test_alternating_halves_update_only_their_own_weights(tmp_path, tmp_path_fac
 def test_decoder_presets_train_and_resume_to_the_same_weights(preset, tmp_path, tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("inputs")
     inputs = [f"records.dir={fake_records(root)}"] if preset == "stablesr_cfw" else \
-        [f"stage1={stage1_export('ccsr_stage1', root, tiny_backbone)}", "sampler.steps=3"]
+        [f"stage1={stage1_export('ccsr_stage1', root, tiny_backbone)}", "sampler.steps=3"]  # the deprecated alias of grid (FAST sets steps too)
     # iteration 0: reconstruction losses only (disc_start=1); iteration 1: the GAN terms as well.
     # CFW with 2 micro-batches per iteration (gradient accumulation of both halves)
     acc = ["data.batch_size=1", "train.total_batch_size=2"] if preset == "stablesr_cfw" else []

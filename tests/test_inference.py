@@ -1,6 +1,7 @@
 """The inference path end to end on a short tiny CCSR stage-1 run: stage loading, the SR pipeline
 (sizes, seeds, tiling, start, decoder stage), `make infer` and its config checks."""
 import json
+from functools import partial
 import os
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def test_tiled_equals_untiled_when_one_tile_covers_the_latent(stage):
 
 def test_seeds_batched_equal_one_by_one(stage):
     lr = torch.rand(2, 3, 12, 20, generator=torch.Generator().manual_seed(2))
-    sampler = lambda *a, **k: ccsr_truncated.sample(*a, steps=9, **k)  # noqa: E731 (ancestral: draws noise)
+    sampler = partial(ccsr_truncated.sample, grid=9)  # ancestral: draws noise
     batched = SRPipeline(stage, sampler)(lr, [0, 1, 2])
     alone = torch.cat([SRPipeline(stage, sampler)(lr, [s]) for s in (0, 1, 2)])
     chunks = SRPipeline(stage, sampler, seed_batch=2)(lr, [0, 1, 2])
@@ -181,8 +182,9 @@ class StubStage:
     def __init__(self):
         self.backbone = StubBackbone()
 
-    def make_condition(self, lr01, hr_size, prompt=None):
-        return {"lr_latent": self.backbone.encode(lr01), "context": torch.zeros(lr01.shape[0], 2, 3)}
+    def prepare(self, lr01, hr_size, prompts=None, negative_prompts=None, **_):
+        return {"lr_latent": self.backbone.encode(lr01), "context": torch.zeros(lr01.shape[0], 2, 3),
+                "lr_image": lr01}, None
 
     def denoise(self, x, t, cond):
         return 0.1 * x - 0.05 * cond["lr_latent"]
@@ -249,9 +251,10 @@ def test_run_inference_in_process_and_sampler_choice(trained_run, tmp_path):
     assert Image.open(out / "seed_0" / "x.png").size == (20, 16)
     meta = json.loads((out / "run.json").read_text())
     assert meta["sampler"] == {"_target_": "sr_lab.diffusion.samplers.ddim.sample", "_partial_": True,
-                               "steps": 2, "eta": 0.0}
-    own = {"_target_": "sr_lab.diffusion.samplers.ccsr_truncated.sample", "_partial_": True, "steps": 45,
-           "t_max": 0.6667, "t_min": 0.3333}
+                               "steps": 2, "eta": 0.0}  # null knobs are dropped
+    assert meta["timesteps"] == [999, 0] and meta["model_calls_per_image"] == 2
+    own = {"_target_": "sr_lab.diffusion.samplers.ccsr_truncated.sample", "_partial_": True, "grid": 45,
+           "steps": None, "t_max": 0.6667, "t_min": 0.3333, "chain": "continuous", "timesteps": None, "hook": None}
     stage_cfg = compose_train(["experiment=ccsr_stage1"], tmp_path)
     assert effective_sampler_config(compose_infer(["checkpoint=x", "input=y", "sampler.t_max=0.5"]).sampler,
                                     stage_cfg) == {**own, "t_max": 0.5}
@@ -263,7 +266,7 @@ def test_run_inference_in_process_and_sampler_choice(trained_run, tmp_path):
     (["seeds=[]"], "seeds=[] must be a non-empty list"),
     (["seeds=[1,1]"], "seeds=[1, 1] has duplicates"),
     (["color_fix=histogram"], "color_fix=histogram must be one of"),
-    (["start=hr"], "start=hr must be one of"),
+    (["start=hr"], "start=hr must be null (the stage's own) or one of"),
     (["precision=16"], "precision=16 must be one of"),
     (["device=tpu"], "device=tpu must be auto, cpu, cuda"),
     (["tile.overlap=64"], "tile.overlap=64 must be an integer in [0, tile.size=64)"),

@@ -3,8 +3,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sr_lab.models.adapters.time_aware_sft import (SFTLayer, TimeAwareSFTAdapter, derive_encoder_settings,
+from sr_lab.models.branches.time_aware_sft import (SFTLayer, TimeAwareSFTBranch, derive_encoder_settings,
                                                    unet_resblock_levels)
+from sr_lab.models.runner import ControlledUNet
+
+
+def TimeAwareSFTAdapter(unet, **kw):
+    """The StableSR stage-1 adapter: a runner with the one SFT branch (conf/adapter/time_aware_sft.yaml)."""
+    return ControlledUNet(unet, {"sft": TimeAwareSFTBranch(unet, **kw)})
 
 SD21_UNET = OmegaConf.create({"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
                               "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]})
@@ -45,13 +51,13 @@ def test_sd21_trainable_size_matches_the_paper():
                                     use_linear_projection=True)
         ad = TimeAwareSFTAdapter(unet)
     n = sum(p.numel() for p in ad.parameters()) / 1e6
-    assert len(ad.sft) == 22  # every ResBlock: 8 down, 2 middle, 12 up
+    assert len(ad.branches["sft"].sft) == 22  # every ResBlock: 8 down, 2 middle, 12 up
     assert 100 < n < 110, n
 
 
 def test_every_resblock_gets_an_sft_at_its_level(tiny_backbone, adapter):
     blocks = unet_resblock_levels(tiny_backbone.unet)
-    assert len(adapter.sft) == len(blocks) == 11
+    assert len(adapter.branches["sft"].sft) == len(blocks) == 11
     levels = dict(blocks)
     assert levels["down_blocks.0.resnets.0"] == 0 and levels["mid_block.resnets.0"] == 2
     assert levels["up_blocks.0.resnets.0"] == 2 and levels["up_blocks.2.resnets.1"] == 0
@@ -81,7 +87,7 @@ def test_sft_modulates_when_trained_and_odd_tiles_work(tiny_backbone):
     bb = tiny_backbone
     ad = TimeAwareSFTAdapter(bb.unet, seed=1)
     with torch.no_grad():
-        for layer in ad.sft.values():
+        for layer in ad.branches["sft"].sft.values():
             layer.alpha.weight.normal_(0, 0.1)
             layer.beta.weight.normal_(0, 0.1)
     x, lr, ctx = _inputs(bb, b=1, size=13)
@@ -112,23 +118,23 @@ def test_gradients_reach_only_encoder_and_sft(tiny_backbone):
     assert all(p.grad is None for p in bb.parameters())
     # at zero init the α/β convs get gradients; the encoder gets them once α/β are non-zero
     assert all(layer.alpha.weight.grad is not None and layer.alpha.weight.grad.abs().sum() > 0
-               for layer in ad.sft.values())
+               for layer in ad.branches["sft"].sft.values())
     with torch.no_grad():
-        for layer in ad.sft.values():
+        for layer in ad.branches["sft"].sft.values():
             layer.alpha.weight.normal_(0, 0.05)
     ad.zero_grad()
     ad(bb.unet, x, torch.tensor([10, 20]), ctx, {"lr_latent": lr}).square().mean().backward()
-    enc = [p for p in ad.encoder.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
-    assert len(enc) > 0.9 * len(list(ad.encoder.parameters()))
+    enc = [p for p in ad.branches["sft"].encoder.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert len(enc) > 0.9 * len(list(ad.branches["sft"].encoder.parameters()))
     assert all(p.grad is None for p in bb.parameters())
 
 
 def test_time_embedding_changes_the_encoder_features(adapter):
     lr = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        a = adapter.encoder(lr, torch.tensor([10]))
-        b = adapter.encoder(lr, torch.tensor([900]))
-        a2 = adapter.encoder(lr, torch.tensor([10]))
+        a = adapter.branches["sft"].encoder(lr, torch.tensor([10]))
+        b = adapter.branches["sft"].encoder(lr, torch.tensor([900]))
+        a2 = adapter.branches["sft"].encoder(lr, torch.tensor([10]))
     assert len(a) == 3 and [f.shape[-1] for f in a] == [8, 4, 2]
     assert all(torch.equal(u, v) for u, v in zip(a, a2))
     assert all(not torch.allclose(u, v) for u, v in zip(a, b))
@@ -137,7 +143,7 @@ def test_time_embedding_changes_the_encoder_features(adapter):
 def test_condition_is_the_lr_latent_at_hr_size(tiny_backbone, adapter):
     lr = torch.rand(2, 3, 16, 16)
     cond = adapter.condition(tiny_backbone, lr, (64, 64))
-    assert set(cond) == {"lr_latent"} and cond["lr_latent"].shape == (2, 4, 8, 8)
+    assert set(cond) == {"lr_latent", "lr_image"} and cond["lr_image"].shape == (2, 3, 64, 64) and cond["lr_latent"].shape == (2, 4, 8, 8)
 
 
 def test_bad_settings_are_rejected(tiny_backbone):

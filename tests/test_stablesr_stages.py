@@ -25,11 +25,12 @@ def stage1(tmp_path_factory, tiny_backbone):
 
 def test_stage1_preset_has_the_paper_settings(tmp_path):
     cfg = compose_train(["experiment=stablesr_stage1"], tmp_path)
-    assert cfg.adapter._target_.endswith("TimeAwareSFTAdapter") and cfg.loss._target_.endswith("EpsMSE")
+    assert cfg.adapter.branches.sft._target_.endswith("TimeAwareSFTBranch") and cfg.loss._target_.endswith("EpsMSE")
+    assert cfg.module.start == "lr"  # validated (and inferred by default) from the noised LR latent, as the authors
     assert cfg.schedule._target_.endswith("UniformTimesteps") and cfg.optim.lr == pytest.approx(5e-5)
     assert cfg.sampler._target_.endswith("ddpm_spaced.sample") and cfg.sampler.steps == 200
     assert cfg.degradation.resize_lr_to_hr is True and cfg.degradation.round_lr is False  # StableSR degradation
-    assert cfg.module.prompt == ""
+    assert cfg.module.prompt.text == ""  # the empty prompt (prompt=none)
     paper = compose_train(["experiment=stablesr_stage1", "scale=paper"], tmp_path)
     assert paper.data.crop_size == 512 and paper.train.total_batch_size == 192
     assert paper.train.iterations == cfg.method.paper_iterations == 15400
@@ -45,7 +46,7 @@ def test_stage1_trains_and_resumes_to_the_same_weights(tmp_path):
     run(compose_train([*base, f"ckpt_path={mid}"], tmp_path / "resumed"))
     a = _weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
     b = _weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    assert a and all(k.startswith("adapter.encoder.") or k.startswith("adapter.sft.") for k in a)
+    assert a and all(k.startswith(("adapter.branches.sft.encoder.", "adapter.branches.sft.sft.")) for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], v) for k, v in _weights(mid).items())
 

@@ -9,15 +9,18 @@ Called by :func:`sr_lab.config.validation.validate_config`; every failure is a o
   when the module reads it;
 * decoder stages: ``module.decoder.w`` / ``train_w`` in [0, 1], ``module.disc_start`` >= 0,
   ``module.disc_weight`` >= 0; the LPIPS weights exist, or ``perceptual.allow_random_init`` is set on
-  the ``tiny`` backbone (never with a real one);
-* latent records: ``records.shard_size`` a multiple of ``data.batch_size``; the CFW stage's
-  ``records.dir`` holds shards.
+  a backbone whose builder declares ``random_weights`` (``tiny``; never with a real one);
+* the data module's own keys: its class's ``validate_config(cfg, error)`` classmethod, e.g. latent
+  records (:mod:`sr_lab.data.records`): ``records.shard_size`` a multiple of ``data.batch_size``; the
+  CFW stage's ``records.dir`` holds shards.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from sr_lab.config.validation import declared
 
 RUN_MODES = ("fit", "predict")
 
@@ -37,13 +40,20 @@ def _mentions(container: Any, needle: str) -> bool:
     return isinstance(container, str) and needle in container
 
 
-def _is_tiny(cfg: DictConfig) -> bool:
-    return str(OmegaConf.select(cfg, "backbone._target_", default="")).endswith("build_tiny")
+def _random_weights(cfg: DictConfig) -> bool:
+    """The backbone builder declares ``random_weights`` (smoke-run backbones such as ``tiny``)."""
+    return bool(declared(cfg, "backbone", "random_weights", False))
 
 
 def is_records_data(cfg: DictConfig) -> bool:
-    """The data module reads latent records (no HR folders to probe)."""
-    return str(OmegaConf.select(cfg, "data._target_", default="")).endswith("LatentRecordsDataModule")
+    """The data module declares ``reads_latent_records`` (it reads latent records, e.g. the CFW stage's)."""
+    return bool(declared(cfg, "data", "reads_latent_records", False))
+
+
+def needs_hr_folders(cfg: DictConfig) -> bool:
+    """The data module declares ``needs_hr_folders`` (default True): ``data.hr_dirs`` or the embedded
+    sample photos are probed before any model is built."""
+    return bool(declared(cfg, "data", "needs_hr_folders", True))
 
 
 def validate_stage_keys(cfg: DictConfig, error: type[Exception]) -> None:
@@ -79,25 +89,9 @@ def validate_stage_keys(cfg: DictConfig, error: type[Exception]) -> None:
             raise error(f"module.disc_weight={dw} must be >= 0")
         _check_perceptual(cfg, error)
 
-    shard = OmegaConf.select(cfg, "records.shard_size", default=None)
-    if shard is not None and str(OmegaConf.select(cfg, "data._target_", default="")).endswith("RecordSourceDataModule"):
-        bs = OmegaConf.select(cfg, "data.batch_size", default=1)
-        num = OmegaConf.select(cfg, "records.num", default=None)
-        if not isinstance(shard, int) or shard < 1 or shard % bs:
-            raise error(f"records.shard_size={shard} must be a positive multiple of data.batch_size={bs}")
-        if not isinstance(num, int) or num < 1:
-            raise error(f"records.num={num} must be a positive integer")
-        _check_records_meta(cfg, error)
-    if is_records_data(cfg):
-        from sr_lab.data.records import select_shards
-
-        d = OmegaConf.select(cfg, "data.records_dir", default=None)
-        if not select_shards(str(d)):
-            raise error(f"data.records_dir={d} holds no latent record shards (records-*.safetensors); "
-                        f"write them first with experiment=stablesr_latents records.dir={d}")
-        crop = OmegaConf.select(cfg, "data.crop_size", default=None)
-        if crop is not None and (not isinstance(crop, int) or crop <= 0 or crop % 8):
-            raise error(f"data.crop_size={crop} must be a positive multiple of 8")
+    check_data = declared(cfg, "data", "validate_config")
+    if check_data is not None:  # the data module's own keys (e.g. latent records: records.*, data.records_dir)
+        check_data(cfg, error)
 
 
 def _check_perceptual(cfg: DictConfig, error: type[Exception]) -> None:
@@ -107,7 +101,7 @@ def _check_perceptual(cfg: DictConfig, error: type[Exception]) -> None:
         return
     allow = bool(OmegaConf.select(cfg, "module.perceptual.allow_random_init", default=False))
     if allow:
-        if not _is_tiny(cfg):
+        if not _random_weights(cfg):
             raise error("perceptual.allow_random_init=true is only for smoke runs on backbone=tiny; put the "
                         "LPIPS VGG16 weights (vgg16-397923af.pth) in $SR_LAB_WEIGHTS or the torch hub cache")
         return
@@ -118,26 +112,5 @@ def _check_perceptual(cfg: DictConfig, error: type[Exception]) -> None:
     try:
         check_lpips_weights(folder)
     except MissingWeights as exc:
-        hint = " (or perceptual.allow_random_init=true for a smoke run on backbone=tiny)" if _is_tiny(cfg) else ""
+        hint = " (or perceptual.allow_random_init=true for a smoke run on backbone=tiny)" if _random_weights(cfg) else ""
         raise error(f"perceptual: {exc}{hint}") from None
-
-
-def _check_records_meta(cfg: DictConfig, error: type[Exception]) -> None:
-    """A records folder holds one set: only records.num may differ from the run that started it."""
-    from pathlib import Path
-
-    from sr_lab.data.records import read_meta
-
-    d = OmegaConf.select(cfg, "records.dir", default=None)
-    meta = read_meta(str(d)) if d is not None else None
-    if not meta:
-        return
-    stage1 = OmegaConf.select(cfg, "stage1", default=None)
-    now = {"shard_size": OmegaConf.select(cfg, "records.shard_size"),
-           "crop_size": OmegaConf.select(cfg, "data.crop_size"),
-           "seed": OmegaConf.select(cfg, "seed"), "start": OmegaConf.select(cfg, "module.start", default=None),
-           "stage1": str(Path(str(stage1)).expanduser().resolve()) if stage1 else None}
-    for k, v in now.items():
-        if v is not None and k in meta and meta[k] != v:
-            raise error(f"records.dir={d} holds records written with {k}={meta[k]!r}, this run has {k}={v!r}; "
-                        f"use another records.dir (or delete that folder)")

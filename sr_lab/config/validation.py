@@ -4,12 +4,28 @@ Every check raises :class:`ConfigError` with one line that names the offending k
 ``schedule.t_min=0.7 must be smaller than schedule.t_max=0.6667``. Component classes validate their
 own arguments again at construction (degradation probabilities, timesteps); this pass exists so a
 mistake costs seconds, not a model load.
+
+Checks that belong to one component are declared by that component, never chosen here by its
+``_target_`` string: :func:`target_object` imports the class or function a ``_target_`` names (cheap:
+nothing is built) and the check reads what it declares —
+
+* a loss class: ``required_schedule`` (the schedule class it needs; ``None``: any) and
+  ``required_schedule_message`` (the error when the configured schedule is not a subclass of it);
+* a backbone builder: ``validate_config(cfg, error)`` (e.g. the local-path checks of
+  :func:`~sr_lab.models.backbone.load_pretrained`), ``random_weights``, ``backbone_name``;
+* a data module class: ``needs_hr_folders``, ``reads_latent_records`` and a
+  ``validate_config(cfg, error)`` classmethod (see :mod:`sr_lab.config.stages`).
+
+Every ``validate_config(cfg, error)`` receives the whole composed config and raises ``error`` with one
+line that names the key.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
+import hydra.utils
 from omegaconf import DictConfig, OmegaConf
 
 PRECISIONS = {"32", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "64", "64-true", "transformer-engine"}
@@ -25,6 +41,26 @@ def _get(cfg: DictConfig, key: str, default=None):
 
 def _target(cfg: DictConfig, key: str) -> str:
     return str(_get(cfg, f"{key}._target_", "") or "")
+
+
+def target_object(cfg: DictConfig, key: str) -> Any:
+    """The class or function named by ``<key>._target_``, imported but not called (no model is built).
+
+    None when ``key`` has no ``_target_`` or it cannot be imported: such a component declares nothing,
+    and instantiating it reports the bad target.
+    """
+    target = _target(cfg, key)
+    if not target:
+        return None
+    try:
+        return hydra.utils.get_object(target)
+    except Exception:  # noqa: BLE001 - ImportError / ValueError from hydra's locate, or the import itself
+        return None
+
+
+def declared(cfg: DictConfig, key: str, attribute: str, default: Any = None) -> Any:
+    """What the component at ``key`` declares as ``attribute`` (``default`` if nothing)."""
+    return getattr(target_object(cfg, key), attribute, default)
 
 
 def _check_fractions(cfg: DictConfig, group: str) -> None:
@@ -83,8 +119,7 @@ def validate_config(cfg: DictConfig) -> None:
         if round(steps * float(cfg.sampler.t_max)) - round(steps * float(cfg.sampler.t_min)) < 1:
             raise ConfigError(f"sampler.t_max/t_min={cfg.sampler.t_max}/{cfg.sampler.t_min} leave no step "
                               f"out of sampler.steps={steps}")
-    if _target(cfg, "loss").endswith("CCSRNUTL") and not _target(cfg, "schedule").endswith("CCSRNonUniformTimesteps"):
-        raise ConfigError("loss=ccsr_nutl needs schedule=ccsr_nonuniform (it trains at t_max)")
+    _check_loss_schedule(cfg)
 
     lr = _get(cfg, "optim.lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
@@ -98,24 +133,16 @@ def validate_config(cfg: DictConfig) -> None:
     if prec not in PRECISIONS:
         raise ConfigError(f"trainer.precision={prec} must be one of {sorted(PRECISIONS)}")
 
-    if _target(cfg, "backbone").endswith("load_pretrained"):
-        from sr_lab.models.backbone import looks_like_local_path, missing_subfolders
+    check_backbone = declared(cfg, "backbone", "validate_config")
+    if check_backbone is not None:  # e.g. load_pretrained: a local backbone.path is a full diffusers folder
+        check_backbone(cfg, ConfigError)
 
-        path = str(_get(cfg, "backbone.path"))
-        if looks_like_local_path(path):
-            if not Path(path).expanduser().is_dir():
-                raise ConfigError(f"backbone.path={path} does not exist (a local SD 2.1-base diffusers "
-                                  f"folder or a hub id such as stabilityai/stable-diffusion-2-1-base)")
-            missing = missing_subfolders(path)
-            if missing:
-                raise ConfigError(f"backbone.path={path} lacks subfolder(s) {missing} of a diffusers SD checkpoint")
+    from sr_lab.config.stages import needs_hr_folders, validate_stage_keys
 
-    from sr_lab.config.stages import is_records_data, validate_stage_keys
-
-    validate_stage_keys(cfg, ConfigError)  # run_mode, stage1, decoder-GAN and latent-record keys
+    validate_stage_keys(cfg, ConfigError)  # run_mode, stage1, decoder-GAN and the data module's own keys
     dirs = _get(cfg, "data.hr_dirs")
-    if is_records_data(cfg):
-        pass  # latent records (stablesr_cfw): checked by validate_stage_keys, no HR folder to probe
+    if not needs_hr_folders(cfg):
+        pass  # e.g. latent records (stablesr_cfw): checked by the data module, no HR folder to probe
     elif dirs is not None:
         for d in [dirs] if isinstance(dirs, str) else list(dirs):
             if not Path(str(d)).expanduser().is_dir():
@@ -133,3 +160,18 @@ def validate_config(cfg: DictConfig) -> None:
     ckpt = _get(cfg, "ckpt_path")
     if ckpt is not None and not Path(str(ckpt)).is_file():
         raise ConfigError(f"ckpt_path={ckpt} is not a file")
+
+
+def _check_loss_schedule(cfg: DictConfig) -> None:
+    """The loss's declared ``required_schedule``: the configured schedule class must be a subclass."""
+    loss = target_object(cfg, "loss")
+    required = getattr(loss, "required_schedule", None)
+    if required is None:
+        return
+    schedule = target_object(cfg, "schedule")
+    if isinstance(schedule, type) and issubclass(schedule, required):
+        return
+    message = getattr(loss, "required_schedule_message", None)
+    raise ConfigError(message or f"loss._target_={_target(cfg, 'loss')} needs a schedule of type "
+                                 f"{required.__module__}.{required.__qualname__}, "
+                                 f"not schedule._target_={_target(cfg, 'schedule') or None}")

@@ -144,7 +144,19 @@ class SRDataModule(LightningDataModule):
         degradation: ``degradation(hr, generator) -> {"hr", "lr"}`` on the device.
         val_degradation: for validation/test/predict batches; ``None`` -> ``degradation``.
         crop_multiple: required divisor of ``crop_size`` (VAE factor x SR scale).
+
+    Declared for the config check (:mod:`sr_lab.config.validation`, read from the class, nothing built):
+    ``needs_hr_folders`` (``data.hr_dirs`` / the sample photos are probed), ``reads_latent_records`` and
+    :meth:`validate_config` (the module's own keys; subclasses extend it).
     """
+
+    needs_hr_folders: bool = True
+    reads_latent_records: bool = False
+
+    @classmethod
+    def validate_config(cls, cfg: Any, error: type[Exception]) -> None:
+        """Check this data module's own keys of the composed ``cfg``; raise ``error`` (one line naming the
+        key). The HR folders themselves are probed by the shared check (``needs_hr_folders``)."""
 
     def __init__(
         self,

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from sr_lab.utils.seeding import make_generator
@@ -161,6 +162,39 @@ class RecordSourceDataModule(SRDataModule):
         if int(shard_size) % self.batch_size:
             raise ValueError(f"shard_size={shard_size} must be a multiple of batch_size={self.batch_size}")
         self.records_dir, self.num_records, self.shard_size = str(records_dir), int(num_records), int(shard_size)
+
+    @classmethod
+    def validate_config(cls, cfg: Any, error: type[Exception]) -> None:
+        """``records.shard_size`` a positive multiple of ``data.batch_size``, ``records.num`` >= 1, and a
+        ``records.dir`` that already holds records was started with the same settings."""
+        super().validate_config(cfg, error)
+        shard = OmegaConf.select(cfg, "records.shard_size", default=None)
+        if shard is None:
+            return
+        bs = OmegaConf.select(cfg, "data.batch_size", default=1)
+        num = OmegaConf.select(cfg, "records.num", default=None)
+        if not isinstance(shard, int) or shard < 1 or shard % bs:
+            raise error(f"records.shard_size={shard} must be a positive multiple of data.batch_size={bs}")
+        if not isinstance(num, int) or num < 1:
+            raise error(f"records.num={num} must be a positive integer")
+        cls._check_records_meta(cfg, error)
+
+    @staticmethod
+    def _check_records_meta(cfg: Any, error: type[Exception]) -> None:
+        """A records folder holds one set: only records.num may differ from the run that started it."""
+        d = OmegaConf.select(cfg, "records.dir", default=None)
+        meta = read_meta(str(d)) if d is not None else None
+        if not meta:
+            return
+        stage1 = OmegaConf.select(cfg, "stage1", default=None)
+        now = {"shard_size": OmegaConf.select(cfg, "records.shard_size"),
+               "crop_size": OmegaConf.select(cfg, "data.crop_size"),
+               "seed": OmegaConf.select(cfg, "seed"), "start": OmegaConf.select(cfg, "module.start", default=None),
+               "stage1": str(Path(str(stage1)).expanduser().resolve()) if stage1 else None}
+        for k, v in now.items():
+            if v is not None and k in meta and meta[k] != v:
+                raise error(f"records.dir={d} holds records written with {k}={meta[k]!r}, this run has {k}={v!r}; "
+                            f"use another records.dir (or delete that folder)")
 
     def pending_shards(self, world_size: int = 1, rank: int = 0) -> list[tuple[int, int]]:
         """This rank's shards (``k ≡ rank mod world_size``) that are not on disk yet."""
@@ -315,6 +349,20 @@ class LatentRecordsDataModule(LightningDataModule):
     counters ``start + k·W + r``. ``degradation`` is accepted for interface compatibility and unused
     (the records already hold the LR).
     """
+
+    needs_hr_folders: bool = False  # no HR folder to probe: the records hold HR, LR and latent
+    reads_latent_records: bool = True
+
+    @classmethod
+    def validate_config(cls, cfg: Any, error: type[Exception]) -> None:
+        """``data.records_dir`` holds shards; ``data.crop_size`` (if set) a positive multiple of 8."""
+        d = OmegaConf.select(cfg, "data.records_dir", default=None)
+        if not select_shards(str(d)):
+            raise error(f"data.records_dir={d} holds no latent record shards (records-*.safetensors); "
+                        f"write them first with experiment=stablesr_latents records.dir={d}")
+        crop = OmegaConf.select(cfg, "data.crop_size", default=None)
+        if crop is not None and (not isinstance(crop, int) or crop <= 0 or crop % 8):
+            raise error(f"data.crop_size={crop} must be a positive multiple of 8")
 
     def __init__(self, records_dir: str, crop_size: int | None = None, batch_size: int = 4, num_workers: int = 0,
                  num_val_images: int = 4, val_batch_size: int | None = None, seed: int = 0,

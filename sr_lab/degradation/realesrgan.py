@@ -163,7 +163,8 @@ class RealESRGANDegradation(nn.Module):
     Known differences from the reference: steps 10-11 are not done here (paired random crop lives
     in the data module; there is no training-pair queue — its decorrelation purpose is served by
     ``per_sample=True``); random streams are torch's, not numpy's; DiffJPEG at quality exactly 100
-    is the identity instead of NaN.
+    skips quantisation instead of producing NaN (it is not the identity: the 4:2:0 chroma step and the
+    output clamp remain).
     """
 
     def __init__(

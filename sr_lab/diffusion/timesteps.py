@@ -13,10 +13,15 @@ import torch
 
 
 def space_timesteps(num_timesteps: int, count: int) -> list[int]:
-    """``count`` timesteps of [0, num_timesteps) spread evenly, ascending, first 0 and last T-1."""
+    """``count`` timesteps of [0, num_timesteps) spread evenly, ascending, first 0 and last T-1.
+
+    ``count = 1`` is the single timestep T-1 (a one-step sampler starts from noise at T-1 and returns
+    x̂0; IDDPM's respacing would give t = 0, i.e. a "denoising" step applied to pure noise)."""
     if not 1 <= count <= num_timesteps:
         raise ValueError(f"cannot take {count} steps out of {num_timesteps}")
-    stride = 1.0 if count <= 1 else (num_timesteps - 1) / (count - 1)
+    if count == 1:
+        return [num_timesteps - 1]
+    stride = (num_timesteps - 1) / (count - 1)
     steps, cur = [], 0.0
     for _ in range(count):
         steps.append(round(cur))

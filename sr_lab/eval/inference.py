@@ -42,16 +42,26 @@ def run_inference_for_eval(cfg: DictConfig, out_dir: Path) -> tuple[Path, dict]:
 
 
 def executed_steps(sampler: dict, num_timesteps: int = 1000) -> int | None:
-    """Number of denoising steps a sampler config executes (CCSR Table 5 "S")."""
-    target = str(sampler.get("_target_", ""))
-    steps = sampler.get("steps")
-    if steps is None:
-        return None
-    if target.endswith("ccsr_truncated.sample"):
-        from sr_lab.diffusion.samplers.ccsr_truncated import truncated_timesteps
+    """Number of denoising steps a sampler config executes, as the sampler declares it (CCSR Table 5 "S":
+    the DDPM steps after the one-step prediction at T); ``None`` if it cannot be derived."""
+    from sr_lab.diffusion.samplers.registry import sampler_executed_steps
 
-        return len(truncated_timesteps(num_timesteps, int(steps), float(sampler["t_max"]), float(sampler["t_min"]))[2])
-    return int(steps)
+    if not sampler or "_target_" not in sampler:
+        return None
+    try:
+        return sampler_executed_steps(sampler, num_timesteps)
+    except (TypeError, ValueError, ImportError, AttributeError):
+        return None
+
+
+def model_calls(sampler: dict, num_timesteps: int = 1000) -> int | None:
+    """Denoiser evaluations per image and seed: the length of the sampler's timestep list."""
+    from sr_lab.diffusion.samplers import sampler_timesteps
+
+    try:
+        return len(sampler_timesteps(sampler, num_timesteps))
+    except (TypeError, ValueError, ImportError, AttributeError, KeyError):
+        return None
 
 
 def num_timesteps_of(checkpoint: str | Path) -> int:

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sr_lab.train import build_loggers
@@ -76,17 +77,28 @@ def job_name(cfg: DictConfig) -> str | None:
     return " ".join(knob_overrides()) or None
 
 
+def _is_wandb_class(target) -> bool:
+    """``target`` names lightning's :class:`WandbLogger` or a subclass (imported, not built)."""
+    import hydra.utils
+
+    try:
+        cls = hydra.utils.get_class(str(target))
+    except Exception:  # noqa: BLE001 - unset or not importable: instantiating it reports that
+        return False
+    return issubclass(cls, WandbLogger)
+
+
 def build_eval_loggers(cfg: DictConfig) -> list:
     """Instantiate ``cfg.logger`` with the W&B group/name of this evaluation."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     for lcfg in (cfg.get("logger") or {}).values():
-        if lcfg is not None and str(lcfg.get("_target_", "")).endswith("WandbLogger"):
+        if lcfg is not None and _is_wandb_class(lcfg.get("_target_")):
             with open_dict(lcfg):
                 lcfg.group = wandb_group(cfg)
                 lcfg.name = lcfg.get("name") or job_name(cfg)
     loggers = build_loggers(cfg)
     for lg in loggers:  # start the W&B run now, so that a failing evaluation still ends as a finished run
-        if type(lg).__name__ == "WandbLogger":
+        if isinstance(lg, WandbLogger):
             _ = lg.experiment
     return loggers
 
@@ -109,9 +121,9 @@ def log_table(loggers: list, png: np.ndarray | None, rows: list, columns: list[s
     for lg in loggers:
         name = type(lg).__name__
         try:
-            if name == "CSVLogger":
+            if isinstance(lg, CSVLogger):
                 written.append(save_png(png, Path(lg.log_dir) / "images" / f"{key.replace('/', '_')}.png"))
-            elif name == "WandbLogger":
+            elif isinstance(lg, WandbLogger):
                 import wandb
 
                 blank = np.full((8, 8, 3), 255, np.uint8)

@@ -64,13 +64,14 @@ def _versions() -> dict:
 
 
 def _inference_extra(cfg: DictConfig, meta: dict, path: Path) -> dict:
-    from .inference import executed_steps, num_timesteps_of
+    from .inference import executed_steps, model_calls, num_timesteps_of
 
     sampler = meta.get("sampler") or {}
     T = num_timesteps_of(cfg.infer.checkpoint)
     return {"inference": {"output_dir": str(path), "seeds": meta.get("seeds"), "timings": meta.get("timings"),
                           "device": meta.get("device"), "checkpoint": meta.get("checkpoint")},
-            "sampler": sampler, "num_timesteps": T, "executed_steps": executed_steps(sampler, T)}
+            "sampler": sampler, "num_timesteps": T, "executed_steps": executed_steps(sampler, T),
+            "model_calls": model_calls(sampler, T)}
 
 
 def _scalars(summary: dict) -> dict[str, float]:

@@ -1,13 +1,15 @@
 """Method-agnostic SR inference: LR of any size -> exactly ``upscale`` x SR, for N seeds.
 
 :class:`SRPipeline` works with every stage that follows the stage protocol (``backbone``,
-``denoise(x, t, cond)``, ``make_condition(lr01, hr_size, prompt)``, ``decode_latent(latent, lr01)``)
+``denoise(x, t, cond)``, ``prepare(lr01, hr_size, prompts=…, negative_prompts=…)``,
+``decode_latent(latent, lr01)``, optionally ``start``: the start mode it was validated with)
 and every sampler ``sample(model, noise, cond, alphas_cumprod, *, generator, **knobs)``:
 
 1. bicubic-upsample the LR by ``upscale``; reflect-pad right/bottom to a multiple of the VAE factor;
-2. build the condition with ``stage.make_condition`` (VAE encodes tiled for large images, see
+2. build the condition with ``stage.prepare`` (:mod:`sr_lab.models.stage_inputs`; VAE encodes tiled for large images, see
    :mod:`sr_lab.inference.tiling`); with CFG also the negative prompt's context;
-3. draw x_T per seed — ``start="noise"``: N(0, I); ``start="lr"``: the LR latent noised to t = T−1
+3. draw x_T per seed (:func:`sr_lab.models.stage_inputs.start_latent`; default: the stage's own start
+   mode) — ``start="noise"``: N(0, I); ``start="lr"``: the LR latent noised to t = T−1
    with that noise (what the StableSR authors' scripts do, methods.md);
 4. run the sampler on the (optionally CFG-guided, StableSR Eq. 8, and tile-aggregated, StableSR
    Eq. 7 / Alg. 1) denoiser;
@@ -29,11 +31,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from sr_lab.diffusion.guidance import UNCOND_KEY, classifier_free_guidance
-from sr_lab.diffusion.schedule import q_sample, randn_like
+from sr_lab.diffusion.guidance import classifier_free_guidance
+from sr_lab.diffusion.samplers import sampler_timesteps
 from sr_lab.inference.color_fix import METHODS as COLOR_FIX_METHODS
 from sr_lab.inference.color_fix import color_fix as apply_color_fix
 from sr_lab.inference.tiling import TiledModel, tiled_decode, tiled_vae_encode
+from sr_lab.models.stage_inputs import lr_start_latent, start_latent
 from sr_lab.utils.seeding import make_generator
 
 STARTS = ("noise", "lr")
@@ -114,12 +117,12 @@ class SRPipeline:
     """
 
     def __init__(self, stage, sampler: Callable, *, decoder_stage=None, decoder_w: float | None = None,
-                 upscale: int = 4, start: str = "noise", cfg_scale: float = 1.0, negative_prompt: str = "",
+                 upscale: int = 4, start: str | None = None, cfg_scale: float = 1.0, negative_prompt: str = "",
                  prompt: str | None = None, color_fix: str = "none", wavelet_levels: int = 5,
                  tile: TileSettings | None = None, vae_tile: VAETileSettings | None = None,
                  precision: str = "32", seed_batch: int | None = None, progress: bool = False):
-        if start not in STARTS:
-            raise ValueError(f"start={start!r} must be one of {STARTS}")
+        if start is not None and start not in STARTS:
+            raise ValueError(f"start={start!r} must be one of {STARTS} (or None: the stage's own)")
         if color_fix not in COLOR_FIX_METHODS:
             raise ValueError(f"color_fix={color_fix!r} must be one of {COLOR_FIX_METHODS}")
         if str(precision) not in PRECISIONS:
@@ -139,6 +142,16 @@ class SRPipeline:
         self.precision, self.seed_batch, self.progress = str(precision), seed_batch, progress
 
     # -- helpers ----------------------------------------------------------------------------------
+    @property
+    def start_mode(self) -> str:
+        """The chosen start, else the one the stage was validated with (StableSR: ``lr``), else noise."""
+        return self.start or str(getattr(self.stage, "start", None) or "noise")
+
+    def model_calls(self) -> int:
+        """Denoiser evaluations per image and seed (the sampler's timestep list; ×2 rows under CFG,
+        ×tiles under aggregation sampling)."""
+        return len(sampler_timesteps(self.sampler, self.backbone.num_timesteps))
+
     @property
     def backbone(self):
         return self.stage.backbone
@@ -201,17 +214,12 @@ class SRPipeline:
         b = lr01.shape[0]
         up, (height, width) = self.prepare_lr(lr01)
         hp, wp = up.shape[-2:]
-        f = int(self.backbone.vae_factor)
         abar = self.backbone.alphas_cumprod
-        channels = int(getattr(getattr(self.backbone.vae, "config", None), "latent_channels", 0)
-                       or self.backbone.unet.config.in_channels)
-        latent_shape = (channels, hp // f, wp // f)
-
+        start = self.start_mode
         with self._autocast(), self._encode_context(hp, wp):
-            cond = self.stage.make_condition(up, (hp, wp), prompt=self.prompt)
-            if self.cfg_scale != 1.0:
-                cond[UNCOND_KEY] = self.stage.make_condition(up, (hp, wp), prompt=self.negative_prompt)["context"]
-            z_lr = self.backbone.encode(up, sample=False).float() if self.start == "lr" else None
+            cond, _ = self.stage.prepare(up, (hp, wp), prompts=self.prompt,
+                                         negative_prompts=self.negative_prompt if self.cfg_scale != 1.0 else None)
+            z_lr = lr_start_latent(self.backbone, cond) if start == "lr" else None
 
         per_call = len(seeds) if self.seed_batch is None else int(self.seed_batch)
         outputs = []
@@ -219,12 +227,7 @@ class SRPipeline:
             chunk = seeds[i:i + per_call]
             n = len(chunk)
             gens = seed_generators(chunk, b, dev)
-            noise = randn_like(torch.empty(n * b, *latent_shape, device=dev), gens)
-            if z_lr is not None:
-                t_top = torch.full((n * b,), abar.shape[0] - 1, device=dev, dtype=torch.long)
-                x_t = q_sample(abar, _repeat_batch(z_lr, b, n), t_top, noise)
-            else:
-                x_t = noise
+            x_t = start_latent(self.backbone, cond, start, gens, repeat=n, z_lr=z_lr)
             cond_n = _repeat_batch(cond, b, n)
             bar = None
             if self.progress:

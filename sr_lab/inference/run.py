@@ -68,10 +68,15 @@ def _require_path(cfg: DictConfig, key: str) -> Path:
 
 
 def _check_sampler_values(sampler: dict, num_timesteps: int | None = None) -> None:
-    steps = sampler.get("steps")
-    if steps is not None and not (_is_int(steps) and steps >= 1 and (num_timesteps is None or steps <= num_timesteps)):
-        bound = f"[1, {num_timesteps}]" if num_timesteps else ">= 1"
-        raise ConfigError(f"sampler.steps={steps} must be an integer in {bound}")
+    for key in ("steps", "grid", "first"):
+        v = sampler.get(key)
+        if v is not None and not (_is_int(v) and v >= 1 and (num_timesteps is None or v <= num_timesteps)):
+            bound = f"[1, {num_timesteps}]" if num_timesteps else ">= 1"
+            raise ConfigError(f"sampler.{key}={v} must be an integer in {bound}")
+    ts = sampler.get("timesteps")
+    if ts is not None and not (isinstance(ts, (list, tuple)) and ts and all(_is_int(t) for t in ts)):
+        raise ConfigError(f"sampler.timesteps={ts} must be a non-empty list of integers (descending)")
+    steps = sampler.get("grid") if sampler.get("grid") is not None else sampler.get("steps")
     eta = sampler.get("eta")
     if eta is not None and not (_is_num(eta) and eta >= 0):
         raise ConfigError(f"sampler.eta={eta} must be a number >= 0")
@@ -84,7 +89,8 @@ def _check_sampler_values(sampler: dict, num_timesteps: int | None = None) -> No
         raise ConfigError(f"sampler.t_min={t_min} must be smaller than sampler.t_max={t_max}")
     if t_max is not None and t_min is not None and _is_int(steps):
         if round(steps * t_max) - round(steps * t_min) < 1:
-            raise ConfigError(f"sampler.t_max/t_min={t_max}/{t_min} leave no step out of sampler.steps={steps}")
+            key = "grid" if sampler.get("grid") is not None else "steps"
+            raise ConfigError(f"sampler.t_max/t_min={t_max}/{t_min} leave no step out of sampler.{key}={steps}")
 
 
 def validate_infer_config(cfg: DictConfig) -> None:
@@ -101,8 +107,8 @@ def validate_infer_config(cfg: DictConfig) -> None:
     up = _get(cfg, "upscale")
     if up is not None and not (_is_int(up) and up >= 1):
         raise ConfigError(f"upscale={up} must be a positive integer (or null for the checkpoint's)")
-    if _get(cfg, "start") not in STARTS:
-        raise ConfigError(f"start={_get(cfg, 'start')} must be one of {list(STARTS)}")
+    if _get(cfg, "start") is not None and _get(cfg, "start") not in STARTS:
+        raise ConfigError(f"start={_get(cfg, 'start')} must be null (the stage's own) or one of {list(STARTS)}")
     seeds = _get(cfg, "seeds")
     seeds = [seeds] if _is_int(seeds) else seeds
     if not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
@@ -196,8 +202,11 @@ def effective_sampler_config(infer_sampler: Any, stage_cfg: DictConfig) -> dict:
     return base
 
 
-def check_sampler_against_stage(sampler_cfg: dict, stage_cfg: DictConfig) -> None:
-    """Knob names exist in the sampler function; values fit the stage's T."""
+def check_sampler_against_stage(sampler_cfg: dict, stage_cfg: DictConfig) -> list[int]:
+    """Knob names exist in the sampler function; the sampler's own ``timesteps`` accepts the values for
+    the stage's T. Returns the exact timesteps the sampler will evaluate."""
+    from sr_lab.diffusion.samplers import sampler_timesteps
+
     fn = hydra.utils.get_method(sampler_cfg["_target_"])
     params = inspect.signature(fn).parameters
     knobs = [k for k in sampler_cfg if not k.startswith("_")]
@@ -208,6 +217,37 @@ def check_sampler_against_stage(sampler_cfg: dict, stage_cfg: DictConfig) -> Non
     T = OmegaConf.select(stage_cfg, "schedule.num_timesteps", default=None) or \
         OmegaConf.select(stage_cfg, "backbone.num_train_timesteps", default=None) or 1000
     _check_sampler_values(sampler_cfg, int(T))
+    try:
+        return sampler_timesteps(sampler_cfg, int(T))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+
+
+def stage_capabilities(stage_cfg: DictConfig) -> frozenset:
+    """What a stored stage can do, as its module class declares (``capabilities``): ``denoise`` (a
+    diffusion stage: ``prepare`` / ``denoise`` / ``decode_latent``), ``decoder`` (a trained latent decoder:
+    StableSR CFW, CCSR stage 2). The target was allow-listed when the source was read."""
+    target = OmegaConf.select(stage_cfg, "module._target_", default=None)
+    if not target:
+        return frozenset()
+    try:
+        cls = hydra.utils.get_class(str(target))
+    except Exception:  # noqa: BLE001 - reported when the stage is built
+        return frozenset()
+    return frozenset(getattr(cls, "capabilities", ()))
+
+
+def _check_stage_kinds(cfg: DictConfig, src, dec_src) -> None:
+    caps = stage_capabilities(src.config)
+    task = src.config.get("task_name", "?")
+    if "denoise" not in caps:
+        hint = " (a decoder stage: give it as decoder_checkpoint=)" if "decoder" in caps else ""
+        raise ConfigError(f"checkpoint={cfg.checkpoint} is a {task} stage that does not denoise{hint}; checkpoint= "
+                          f"takes a diffusion stage (e.g. ccsr_stage1, stablesr_stage1)")
+    if dec_src is not None and "decoder" not in stage_capabilities(dec_src.config):
+        raise ConfigError(f"decoder_checkpoint={cfg.decoder_checkpoint} is a {dec_src.config.get('task_name', '?')} "
+                          f"stage without a trained decoder; decoder_checkpoint= takes a decoder stage "
+                          f"(stablesr_cfw, ccsr_stage2) and checkpoint= the diffusion stage")
 
 
 def to_uint8(img01: torch.Tensor) -> np.ndarray:
@@ -241,8 +281,9 @@ def run_inference(cfg: DictConfig) -> Path:
     seeds = [int(s) for s in ([cfg.seeds] if _is_int(cfg.seeds) else cfg.seeds)]
     src = read_stage_source(cfg.checkpoint)
     sampler_cfg = effective_sampler_config(cfg.get("sampler"), src.config)
-    check_sampler_against_stage(sampler_cfg, src.config)
+    timesteps = check_sampler_against_stage(sampler_cfg, src.config)
     dec_src = read_stage_source(cfg.decoder_checkpoint) if cfg.get("decoder_checkpoint") else None
+    _check_stage_kinds(cfg, src, dec_src)
     upscale = int(cfg.upscale if cfg.get("upscale") is not None else (src.config.get("upscale") or 4))
     device = resolve_device(str(cfg.device))
     out_dir = Path(str(cfg.output_dir)).expanduser()
@@ -254,7 +295,7 @@ def run_inference(cfg: DictConfig) -> Path:
     sampler = hydra.utils.instantiate(sampler_cfg)
     pipe = SRPipeline(
         stage, sampler, decoder_stage=decoder, decoder_w=cfg.get("decoder_w"), upscale=upscale,
-        start=str(cfg.start), cfg_scale=float(cfg.cfg_scale), negative_prompt=str(cfg.negative_prompt),
+        start=None if cfg.get("start") is None else str(cfg.start), cfg_scale=float(cfg.cfg_scale), negative_prompt=str(cfg.negative_prompt),
         prompt=cfg.get("prompt"), color_fix=str(cfg.color_fix), wavelet_levels=int(cfg.get("wavelet_levels", 5)),
         tile=TileSettings(bool(cfg.tile.enabled), int(cfg.tile.size), int(cfg.tile.overlap),
                           int(cfg.tile.get("batch", 4))),
@@ -321,6 +362,8 @@ def run_inference(cfg: DictConfig) -> Path:
         "decoder_checkpoint": None if dec_src is None else {"path": str(dec_src.path),
                                                             "task_name": dec_src.config.get("task_name")},
         "sampler": sampler_cfg,
+        "timesteps": timesteps,
+        "model_calls_per_image": len(timesteps),  # per seed; CFG doubles the rows, tiling multiplies them
         "upscale": upscale,
         "seeds": seeds,
         "device": {"type": device.type, "name": device_name(device)},

@@ -12,8 +12,18 @@ The last row/column of tiles is shifted inward to end at the border (App. B, Fig
 the right/bottom grows) so the size never changes. :class:`TiledModel` wraps any
 ``model(x, t, cond) -> ε``; condition tensors that are spatial — last two dims equal to the latent's,
 or an integer multiple k of them (pixel-space maps) — are cropped to each tile (box × k), other
-batch-shaped tensors (``context``) are repeated per tile. Gaussian weights follow the authors'
-``_gaussian_weights`` (facts from IceClear/StableSR): per axis exp(−(i − (L−1)/2)² / L² / (2 · 0.01)).
+batch-shaped tensors (``context``) are repeated per tile.
+
+Gaussian weights (:func:`gaussian_weights`): per axis of length L, index i = 0..L−1,
+g(i) = exp(−(i − c)² / L² / (2 · var)) / sqrt(2π · var), var = 0.01, and w = outer(g_rows, g_cols).
+The authors' ``_gaussian_weights`` (IceClear/StableSR ``ldm/models/diffusion/ddpm.py``, ``ddim.py`` and
+``scripts/util_image.py``) uses c = (W − 1)/2 for the columns but c = H/2 for the rows (``midpoint =
+latent_height / 2``), i.e. their map is shifted half a pixel downwards. sr_lab's default
+``centre="symmetric"`` uses c = (L − 1)/2 on both axes (the map is invariant under flips, so the top
+and bottom of a tile are weighted alike); ``centre="authors"`` reproduces their map exactly. Columns
+are identical; row i of the authors' map is the symmetric row times exp((a − 1/4) / (2 · var · H²))
+with a = i − (H − 1)/2, e.g. for H = 64, var = 0.01 from ×0.68 (top row) to ×1.46 (bottom row), so
+the tiled output differs wherever tiles overlap vertically (one tile covering the latent: identical).
 
 **Tiled VAE** (a separate need for large images, methods.md): :func:`tiled_encode` and
 :func:`tiled_decode` split the image (pixel space, tiles and overlaps multiples of the VAE factor) or
@@ -54,15 +64,38 @@ def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[Box]:
     return [(y, x, th, tw) for y in tile_starts(height, tile, overlap) for x in tile_starts(width, tile, overlap)]
 
 
+CENTRES = ("symmetric", "authors")
+
+
+def _check_centre(centre: str) -> str:
+    if centre not in CENTRES:
+        raise ValueError(f"centre must be one of {CENTRES}, got {centre!r}")
+    return centre
+
+
 def gaussian_weights(height: int, width: int, var: float = 0.01, device=None,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Gaussian weight map w_Ω of StableSR Eq. 7 for one (height, width) tile (authors' form)."""
-    def axis(n: int) -> torch.Tensor:
+                     dtype: torch.dtype = torch.float32, centre: str = "symmetric") -> torch.Tensor:
+    """Gaussian weight map w_Ω of StableSR Eq. 7 for one (height, width) tile, computed in float64.
+
+    Per axis of length L: g(i) = exp(−(i − c)² / L² / (2 var)) / sqrt(2π var); w = outer(g_rows, g_cols).
+
+    * ``centre="symmetric"`` (default): c = (L − 1)/2 on both axes, the exact centre of the index range,
+      so the map is symmetric under vertical and horizontal flips (a mathematically centred window).
+      It is the default because the authors' own comment on the width (``(latent_width - 1) / 2  #
+      -1 because index goes from 0 to latent_width - 1``) states this intent; their row centre lacks
+      the ``- 1``, an off-by-half in rows only.
+    * ``centre="authors"``: IceClear/StableSR ``_gaussian_weights`` as written (columns centred at
+      (W − 1)/2, rows at H/2 via ``midpoint = latent_height / 2``; same float64 formula, equal to
+      float64 rounding), to reproduce their aggregation outputs.
+    """
+    _check_centre(centre)
+
+    def axis(n: int, mid: float) -> torch.Tensor:
         i = torch.arange(n, dtype=torch.float64)
-        mid = (n - 1) / 2
         return torch.exp(-(i - mid) ** 2 / (n * n) / (2 * var)) / math.sqrt(2 * math.pi * var)
 
-    return torch.outer(axis(height), axis(width)).to(device=device, dtype=dtype)
+    row_mid = height / 2 if centre == "authors" else (height - 1) / 2
+    return torch.outer(axis(height, row_mid), axis(width, (width - 1) / 2)).to(device=device, dtype=dtype)
 
 
 def feather_weights(height: int, width: int, ramp: int, device=None,
@@ -85,11 +118,12 @@ def weight_sum(boxes: list[Box], weight: torch.Tensor, height: int, width: int) 
     return total
 
 
-def aggregation_weights(height: int, width: int, tile: int, overlap: int,
-                        var: float = 0.01) -> tuple[list[Box], list[torch.Tensor]]:
-    """The normalised full-size maps w_Ωn / ŵ of StableSR Eq. 7 (they sum to 1 at every pixel)."""
+def aggregation_weights(height: int, width: int, tile: int, overlap: int, var: float = 0.01,
+                        centre: str = "symmetric") -> tuple[list[Box], list[torch.Tensor]]:
+    """The normalised full-size maps w_Ωn / ŵ of StableSR Eq. 7 (they sum to 1 at every pixel);
+    ``centre`` as in :func:`gaussian_weights`."""
     boxes = tile_boxes(height, width, tile, overlap)
-    w = gaussian_weights(boxes[0][2], boxes[0][3], var, dtype=torch.float64)
+    w = gaussian_weights(boxes[0][2], boxes[0][3], var, dtype=torch.float64, centre=centre)
     total = weight_sum(boxes, w, height, width)
     maps = []
     for y, x, th, tw in boxes:
@@ -131,23 +165,26 @@ class TiledModel:
     """``model(x, t, cond) -> ε`` evaluated by progressive patch aggregation (StableSR Eq. 7, Alg. 1).
 
     ``tile_size``/``overlap`` are in latent pixels (authors: 64 = 512 px tiles, overlap 32);
-    ``tile_batch`` tiles are stacked into one model call.
+    ``tile_batch`` tiles are stacked into one model call. ``centre`` selects the Gaussian weight map
+    (:func:`gaussian_weights`): ``"symmetric"`` (default) or ``"authors"`` (StableSR's map as written,
+    rows centred at H/2).
     """
 
     def __init__(self, model: Callable, tile_size: int = 64, overlap: int = 32, tile_batch: int = 4,
-                 var: float = 0.01):
+                 var: float = 0.01, centre: str = "symmetric"):
         tile_starts(tile_size + 1, tile_size, overlap)  # validates
         if tile_batch < 1:
             raise ValueError(f"tile_batch={tile_batch} must be >= 1")
         self.model, self.tile_size, self.overlap = model, int(tile_size), int(overlap)
-        self.tile_batch, self.var = int(tile_batch), float(var)
+        self.tile_batch, self.var, self.centre = int(tile_batch), float(var), _check_centre(centre)
         self._cache: dict = {}
 
     def layout(self, height: int, width: int, device, dtype) -> tuple[list[Box], torch.Tensor, torch.Tensor]:
         key = (height, width, str(device), dtype)
         if key not in self._cache:
             boxes = tile_boxes(height, width, self.tile_size, self.overlap)
-            w = gaussian_weights(boxes[0][2], boxes[0][3], self.var, device=device, dtype=dtype)
+            w = gaussian_weights(boxes[0][2], boxes[0][3], self.var, device=device, dtype=dtype,
+                                 centre=self.centre)
             self._cache[key] = (boxes, w, weight_sum(boxes, w, height, width))
         return self._cache[key]
 

@@ -26,7 +26,14 @@ def eps_loss(model, x0, cond, alphas_cumprod, t, noise) -> torch.Tensor:
 
 
 class EpsMSE:
-    """Plain eps-prediction loss at t drawn from the timestep schedule (StableSR stage 1; one part)."""
+    """Plain eps-prediction loss at t drawn from the timestep schedule (StableSR stage 1; one part).
+
+    ``required_schedule``: the schedule class a loss needs (``schedule._target_`` must name it or a
+    subclass; None: any), checked before any model is built, with ``required_schedule_message``.
+    """
+
+    required_schedule: type | None = None
+    required_schedule_message: str | None = None
 
     def __init__(self, schedule: UniformTimesteps):
         self.schedule = schedule
@@ -49,6 +56,9 @@ class CCSRNUTL(EpsMSE):
     plus the eps loss at t_max, ||ε2 - ε̂||². Eq. 3: l^T_diff = l_diff + l_T + l_tmax.
     The authors step the two parts with two AdamW optimizers in turn (PL1 ``optimizer_idx``).
     """
+
+    required_schedule = CCSRNonUniformTimesteps
+    required_schedule_message = "loss=ccsr_nutl needs schedule=ccsr_nonuniform (it trains at t_max)"
 
     def __init__(self, schedule: CCSRNonUniformTimesteps):
         if not isinstance(schedule, CCSRNonUniformTimesteps):

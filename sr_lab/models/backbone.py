@@ -9,6 +9,10 @@ Two builders share one container:
   offline embedded default. Its results mean "the pipeline runs", never "the method works".
 
 The latent scale is read from the VAE config (0.18215 for SD 2.x), never hard-coded (methods.md).
+
+A builder declares what the config check needs to know, with :func:`backbone_builder` (read from the
+imported function, nothing built): ``backbone_name`` (the name when the config has no ``name`` key),
+``random_weights`` (a smoke-run backbone, e.g. ``tiny``) and ``validate_config(cfg, error)``.
 """
 from __future__ import annotations
 
@@ -82,15 +86,43 @@ class Backbone(nn.Module):
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     # -- prompts ---------------------------------------------------------------------------------
-    def prompt_embedding(self, prompt: str, batch: int) -> torch.Tensor:
-        """Context for ``prompt`` repeated ``batch`` times; each prompt is encoded once and cached
-        (StableSR and CCSR always use the empty prompt)."""
+    def prompt_embedding(self, prompt: str | Sequence[str], batch: int) -> torch.Tensor:
+        """Context (batch, L, D) for ``prompt``: one string for every row, or one string per row.
+        Each distinct string is encoded once and cached (StableSR and CCSR always use the empty
+        prompt; AddSR's tag prompts differ per sample)."""
+        from sr_lab.models.prompts import prompt_rows
+
+        if isinstance(prompt, str):
+            return self._embed_one(prompt).expand(batch, -1, -1)
+        rows = prompt_rows(prompt, batch)
+        if len(set(rows)) == 1:
+            return self._embed_one(rows[0]).expand(batch, -1, -1)
+        return torch.cat([self._embed_one(p) for p in rows])
+
+    def _embed_one(self, prompt: str) -> torch.Tensor:
         device = self.alphas_cumprod.device
         emb = self._prompt_cache.get(prompt)
         if emb is None or emb.device != device:
             emb = self.prompt_encoder([prompt]).detach()
             self._prompt_cache[prompt] = emb
-        return emb.expand(batch, -1, -1)
+        return emb
+
+
+def backbone_builder(name: str, *, random_weights: bool = False,
+                     validate_config: Callable[..., None] | None = None) -> Callable[[Callable], Callable]:
+    """Declare a backbone builder's capabilities on the function (``backbone._target_`` names it).
+
+    ``name``: the backbone's name unless the config sets ``backbone.name`` (stage configs compare it);
+    ``random_weights``: the builder makes seeded random weights (smoke runs only); ``validate_config``:
+    ``(cfg, error) -> None``, checks ``cfg.backbone`` of the composed config before any model is built
+    and raises ``error`` with one line naming the key.
+    """
+    def declare(fn: Callable) -> Callable:
+        fn.backbone_name = name
+        fn.random_weights = bool(random_weights)
+        fn.validate_config = validate_config
+        return fn
+    return declare
 
 
 def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -99,6 +131,7 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
+@backbone_builder("tiny", random_weights=True)
 def build_tiny(seed: int = 0, dtype: str = "float32", channels: Sequence[int] = (32, 64, 64),
                cross_attention_dim: int = 32, num_train_timesteps: int = 1000,
                beta_start: float = 0.00085, beta_end: float = 0.012) -> Backbone:
@@ -140,6 +173,21 @@ def missing_subfolders(path: str | Path) -> list[str]:
     return [s for s in SD_SUBFOLDERS if not (root / s).is_dir()]
 
 
+def check_pretrained_config(cfg, error: type[Exception]) -> None:
+    """Config check of :func:`load_pretrained`: a local ``backbone.path`` is a full diffusers SD folder."""
+    from omegaconf import OmegaConf
+
+    path = str(OmegaConf.select(cfg, "backbone.path", default=None))
+    if looks_like_local_path(path):
+        if not Path(path).expanduser().is_dir():
+            raise error(f"backbone.path={path} does not exist (a local SD 2.1-base diffusers "
+                        f"folder or a hub id such as stabilityai/stable-diffusion-2-1-base)")
+        missing = missing_subfolders(path)
+        if missing:
+            raise error(f"backbone.path={path} lacks subfolder(s) {missing} of a diffusers SD checkpoint")
+
+
+@backbone_builder("sd21_base", validate_config=check_pretrained_config)
 def load_pretrained(path: str, dtype: str = "float32", local_files_only: bool | None = None,
                     name: str = "sd21_base") -> Backbone:
     """Load an SD-layout diffusers checkpoint (SD 2.1-base: ``stabilityai/stable-diffusion-2-1-base``).

@@ -5,14 +5,16 @@ Loss (the LDM autoencoder loss both authors reuse, ``LPIPSWithDiscriminator``; s
 discriminator  L_D = ½(E[relu(1 − D(x))] + E[relu(1 + D(x̂))]), with λ either fixed (``disc_weight``;
 StableSR CFW: 0.025) or adaptive (LDM: ‖∇_last L_rec‖ / ‖∇_last L_G‖ clamped, × ``disc_weight``;
 CCSR stage 2: 0.5). The GAN terms start at iteration ``disc_start`` (StableSR: 501; before it only
-L1 + LPIPS train and the discriminator is not updated). Adam with betas (0.5, 0.9) for both.
+L1 + LPIPS train and the discriminator is not updated). Adam with betas (0.5, 0.9) for both (both
+authors): ``optimizer(params)`` builds each (the config passes ``optim.optimizer``, which the presets set
+to ``torch.optim.Adam``); without it, Adam with ``lr`` / ``betas`` / ``weight_decay``.
 
 What differs between the stages is composed in:
 
 * ``decoder`` — :class:`sr_lab.models.decoders.CFWDecoder` (only fusion layers train; ``w``) or
   :class:`sr_lab.models.decoders.VAEDecoderFinetune` (post_quant_conv + decoder train);
 * ``latent_source`` — ``None``: the batch carries ``latent`` (StableSR latent records), or
-  :class:`sr_lab.models.latent_sources.TruncatedSamplerLatents` (CCSR: the frozen stage 1 samples the
+  :class:`sr_lab.modules.latent_sources.TruncatedSamplerLatents` (CCSR: the frozen stage 1 samples the
   latents on the fly under ``no_grad``).
 
 Optimisation is manual (Lightning 2): per micro-batch the generator half (discriminator toggled off)
@@ -21,8 +23,9 @@ both optimizers step at the end of the iteration, generator first. As in the aut
 (``optimizer_idx`` 0 then 1), the discriminator sees the reconstruction of the generator *after* its
 step. Every iteration is two optimizer steps in Lightning's ``global_step`` (the discriminator "step"
 before ``disc_start`` has no gradients and changes nothing). Under DDP the reducer is switched off and
-each optimizer's gradients are all-reduced by hand before its step (as in ``diffusion_finetune``: two
-backward passes per forward, each leaving the other half's weights without gradients).
+each optimizer's gradients are all-reduced by hand before its step (two backward passes per forward,
+each leaving the other half's weights without gradients); this, the steps and the accumulation
+bookkeeping are the shared :class:`~sr_lab.modules.manual_optimization.ManualOptimization`.
 
 Deviation (both authors): their reconstruction term is ``mean(|x − x̂| + p·LPIPS) / batch_size``; here
 it is the plain mean, independent of the batch size (identical for the authors' batch of 1 per GPU in
@@ -34,6 +37,7 @@ repeats an uninterrupted one exactly.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable
 
@@ -44,6 +48,7 @@ from torch import nn
 from sr_lab.losses.gan import adaptive_weight, hinge_d_loss, hinge_g_loss
 from sr_lab.metrics.psnr_ssim import finite_mean, psnr_y, ssim_y
 from sr_lab.modules.checkpointing import TrainableOnlyCheckpoint
+from sr_lab.modules.manual_optimization import ManualOptimization
 from sr_lab.utils.image_log import log_image, make_grid_rows
 from sr_lab.utils.seeding import make_generator
 
@@ -59,10 +64,21 @@ def _build(component: Any, backbone: nn.Module) -> Any:
     return component(backbone)
 
 
-class DecoderGANFinetune(TrainableOnlyCheckpoint, pl.LightningModule):
+# both authors' optimiser for generator and discriminator when no ``optimizer`` factory is given
+DEFAULT_OPTIMIZER = functools.partial(torch.optim.Adam, lr=5e-5, betas=(0.5, 0.9), weight_decay=0.0)
+
+
+class DecoderGANFinetune(ManualOptimization, TrainableOnlyCheckpoint, pl.LightningModule):
+    """``optimizer``: ``optimizer(params) -> torch.optim.Optimizer``, used for the generator and for the
+    discriminator (the config's ``_partial_`` node ``optim.optimizer``); without it Adam
+    (:data:`DEFAULT_OPTIMIZER`) with ``lr`` / ``betas`` / ``weight_decay`` where given."""
+
+    capabilities = frozenset({"decoder"})  # a trained latent decoder (sr-infer decoder_checkpoint=)
+
     def __init__(self, backbone: nn.Module, decoder: Callable | nn.Module, discriminator: nn.Module,
                  perceptual: Callable | nn.Module | None = None, latent_source: Callable | nn.Module | None = None,
-                 *, lr: float = 5e-5, betas: tuple[float, float] = (0.5, 0.9), weight_decay: float = 0.0,
+                 *, optimizer: Callable | None = None, lr: float | None = None,
+                 betas: tuple[float, float] | None = None, weight_decay: float | None = None,
                  l1_weight: float = 1.0, perceptual_weight: float = 1.0, disc_weight: float = 0.5,
                  adaptive_disc_weight: bool = True, disc_start: int = 0, grad_clip: float | None = None,
                  accumulate: int = 1, seed: int = 0, val_seed: int = 1234, crop_border: int = 4,
@@ -70,25 +86,28 @@ class DecoderGANFinetune(TrainableOnlyCheckpoint, pl.LightningModule):
         super().__init__()
         if disc_start < 0 or disc_weight < 0 or perceptual_weight < 0 or l1_weight < 0:
             raise ValueError("disc_start, disc_weight, perceptual_weight and l1_weight must be >= 0")
-        self.automatic_optimization = False
+        self.init_manual_optimization(accumulate=accumulate, grad_clip=grad_clip, optimizer=optimizer,
+                                      default_optimizer=DEFAULT_OPTIMIZER, lr=lr, betas=betas,
+                                      weight_decay=weight_decay)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self.backbone = backbone
         self.decoder = _build(decoder, backbone)
-        self.latent_source = _build(latent_source, backbone)
+        # training-only parts are built when training starts (setup), so a stage loaded for inference
+        # never needs their weights or paths: the latent source (CCSR stage 2's frozen stage 1), LPIPS
+        self._latent_source_factory = latent_source
+        self.latent_source: nn.Module | None = latent_source if isinstance(latent_source, nn.Module) else None
         self.discriminator = discriminator
         self.discriminator.requires_grad_(True)
         # the perceptual net is built when training starts (setup), so a stage loaded for inference
         # never needs its weights
         self._perceptual_factory = perceptual
         self.perceptual: nn.Module | None = perceptual if isinstance(perceptual, nn.Module) else None
-        self.lr, self.betas, self.weight_decay, self.grad_clip = float(lr), tuple(betas), float(weight_decay), grad_clip
         self.l1_weight, self.perceptual_weight = float(l1_weight), float(perceptual_weight)
         self.disc_weight, self.adaptive_disc_weight = float(disc_weight), bool(adaptive_disc_weight)
-        self.disc_start, self.accumulate = int(disc_start), int(accumulate)
+        self.disc_start = int(disc_start)
         self.seed, self.val_seed = int(seed), int(val_seed)
         self.crop_border, self.val_grid_images = int(crop_border), int(val_grid_images)
         self.run_config = run_config
-        self._micro = 0
 
     # -- the stage interface ------------------------------------------------------------------------
     @property
@@ -116,66 +135,35 @@ class DecoderGANFinetune(TrainableOnlyCheckpoint, pl.LightningModule):
     def optimizer_steps_per_iteration(self) -> int:
         return 2  # generator + discriminator
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+    # trainable_parameters / configure_run: ManualOptimization
 
     def generator_parameters(self) -> list[nn.Parameter]:
         return list(self.decoder.trainable_parameters())
 
     # -- training -----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.latent_source is None and self._latent_source_factory is not None:
+            self.latent_source = _build(self._latent_source_factory, self.backbone)
         if stage == "fit" and self.perceptual is None and self._perceptual_factory is not None \
                 and self.perceptual_weight > 0:
             self.perceptual = self._perceptual_factory()
 
     def configure_optimizers(self):
-        gen = torch.optim.Adam(self.generator_parameters(), lr=self.lr, betas=self.betas,
-                               weight_decay=self.weight_decay)
-        disc = torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas,
-                                weight_decay=self.weight_decay)
+        """[generator, discriminator], each built by ``optimizer_factory`` (Adam for both authors)."""
+        gen = self.optimizer_factory(self.generator_parameters())
+        disc = self.optimizer_factory(self.discriminator.parameters())
         return [gen, disc]
 
-    def on_train_start(self) -> None:
-        if self._ddp():  # two backward passes per forward: gradients are all-reduced by hand in _step
-            self.trainer.strategy.model.require_backward_grad_sync = False
-
-    def on_train_end(self) -> None:
-        if self._ddp():  # manual gradient sync: prove the replicas ended identical (weights, not BN statistics)
-            flat = torch.cat([p.detach().float().reshape(-1) for p in self.trainable_parameters()])
-            digest = torch.stack([flat.sum(), flat.square().sum()])
-            gathered = self.all_gather(digest)
-            if not torch.allclose(gathered, gathered[0:1].expand_as(gathered), rtol=1e-6, atol=0):
-                raise RuntimeError(f"DDP replicas diverged: per-rank weight digests {gathered.tolist()}")
-            log.info("DDP replicas in sync (weight digest %s)", digest.tolist())
-
-    def _ddp(self) -> bool:
-        return self.trainer is not None and type(self.trainer.strategy).__name__.startswith("DDP") \
-            and self.trainer.world_size > 1
-
-    def _all_reduce_grads(self, opt) -> None:
-        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.trainer.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    def _step(self, opt) -> None:
-        if self._ddp():
-            self._all_reduce_grads(opt)
-        if self.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # on_train_start (DDP reducer off), on_train_end (replicas in sync; weights, not BN statistics),
+    # step_optimizer (all-reduce under DDP, clip, step, zero): ManualOptimization
 
     def inputs(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(latent, LR in [0, 1], HR in [0, 1]) of a batch; latents from the batch or the latent source."""
         hr, lr = batch["hr"], batch["lr"]
         if self.latent_source is None:
+            if "latent" not in batch:
+                raise RuntimeError("this decoder stage samples its latents with a frozen stage 1, built when "
+                                   "training starts (setup('fit')); the batch carries no 'latent'")
             latent = batch["latent"]
         else:
             latent = self.latent_source(self.backbone, hr, lr, generator)
@@ -191,14 +179,13 @@ class DecoderGANFinetune(TrainableOnlyCheckpoint, pl.LightningModule):
         return iteration >= self.disc_start
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self._ddp():  # Lightning's forward redirection turns DDP's reducer back on after every step
-            self.trainer.strategy.model.require_backward_grad_sync = False
+        self.disable_ddp_reducer()  # Lightning's forward redirection turns it back on after every step
         gen = make_generator(self.seed, "train", self._micro, self.global_rank, device=batch["hr"].device)
         latent, lr, hr = self.inputs(batch, gen)
         x = hr * 2 - 1
         opt_g, opt_d = self.optimizers()
-        iteration = self._micro // self.accumulate
-        last_micro = (self._micro + 1) % self.accumulate == 0
+        iteration = self.current_iteration()
+        last_micro = self.is_last_micro()
         gan = self.gan_active(iteration)
         b = hr.shape[0]
 
@@ -217,7 +204,7 @@ class DecoderGANFinetune(TrainableOnlyCheckpoint, pl.LightningModule):
             logs.update({"train/g_loss": g_loss.detach(), "train/d_weight": lam.detach()})
         self.manual_backward(loss_g / self.accumulate)
         if last_micro:
-            self._step(opt_g)
+            self.step_optimizer(opt_g)
         self.untoggle_optimizer(opt_g)
 
         # discriminator half (sees the generator after its step, as the authors' PL1 loop)
@@ -233,7 +220,7 @@ class DecoderGANFinetune(TrainableOnlyCheckpoint, pl.LightningModule):
             logs.update({"train/d_loss": d_loss.detach(), "train/logits_real": logits_real.detach().mean(),
                          "train/logits_fake": logits_fake.detach().mean()})
         if last_micro:
-            self._step(opt_d)  # before disc_start: no gradients, a counted no-op
+            self.step_optimizer(opt_d)  # before disc_start: no gradients, a counted no-op
         self._micro += 1
         self.log_dict(logs, batch_size=b)
         self.log("train/loss", loss_g.detach(), prog_bar=True, batch_size=b)

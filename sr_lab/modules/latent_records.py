@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from sr_lab.data.records import FORMAT, shard_ranges, to_uint8, write_meta, write_shard
-from sr_lab.diffusion.schedule import q_sample, randn_like
-from sr_lab.modules.stage_io import load_frozen_adapter
+from sr_lab.modules.stage_io import load_frozen_stage
 from sr_lab.utils.seeding import make_generator
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ class LatentRecordWriter(pl.LightningModule):
     a shard is complete, then writes it.
 
     Args:
-        backbone: the frozen backbone (the stage-1 adapter is rebuilt on its UNet).
+        backbone: the frozen backbone (the stage-1 stage is rebuilt on it, frozen).
         stage1: a stage-1 export folder / ``trainable.safetensors`` / ``.ckpt`` (``stablesr_stage1``).
         sampler: ``sampler(model, x_T, cond, alphas_cumprod, generator=...) -> z0`` (DDPM 200 for StableSR).
         records_dir, num_records, shard_size: where and how many (must match the data module's).
@@ -52,6 +51,8 @@ class LatentRecordWriter(pl.LightningModule):
         crop_size: the HR crop of the records (recorded in ``meta.json``; a folder holds one setting).
     """
 
+    capabilities = frozenset()  # writes records; nothing to load for inference
+
     def __init__(self, backbone: nn.Module, stage1: str, sampler: Callable, records_dir: str, num_records: int,
                  shard_size: int, start: str = "lr", prompt: str | None = None, seed: int = 0,
                  crop_size: int | None = None, run_config: dict | None = None):
@@ -59,13 +60,12 @@ class LatentRecordWriter(pl.LightningModule):
         if start not in ("lr", "noise"):
             raise ValueError(f"start={start!r} must be 'lr' or 'noise'")
         self.backbone = backbone
-        adapter, stage_prompt, _ = load_frozen_adapter(stage1, backbone)
-        self.adapter = adapter
+        self.stage = load_frozen_stage(stage1, backbone)  # every tensor stage 1 trained, frozen
         self.stage1 = str(stage1)
         self.sampler = sampler
         self.records_dir, self.num_records, self.shard_size = str(records_dir), int(num_records), int(shard_size)
         self.start, self.seed = start, int(seed)
-        self.prompt = stage_prompt if prompt is None else str(prompt)
+        self.prompt = None if prompt is None else str(prompt)  # None: the stage's own prompt source
         self.run_config = run_config
         self.accumulate = 1
         self.crop_size = None if crop_size is None else int(crop_size)
@@ -74,7 +74,8 @@ class LatentRecordWriter(pl.LightningModule):
         self.written: list[str] = []
         self.meta = {"format": FORMAT, "num_records": self.num_records, "shard_size": self.shard_size,
                      "stage1": str(Path(self.stage1).expanduser().resolve()), "start": self.start,
-                     "prompt": self.prompt, "seed": self.seed, "crop_size": self.crop_size,
+                     "prompt": self.prompt if self.prompt is not None else
+                     getattr(self.stage.prompt_source, "text", repr(self.stage.prompt_source)), "seed": self.seed, "crop_size": self.crop_size,
                      "backbone": getattr(backbone, "name", "?"), "latent_scale": float(backbone.latent_scale),
                      "sampler": repr(getattr(sampler, "keywords", sampler))}
         self._check_existing_meta()
@@ -103,6 +104,15 @@ class LatentRecordWriter(pl.LightningModule):
     def trainable_state_keys(self) -> set[str]:
         return set()
 
+    def configure_run(self, accumulate: int, run_config: dict) -> None:
+        """The run contract (:class:`~sr_lab.modules.protocol.TrainableStage`): a predict loop does not
+        accumulate, so ``accumulate`` must be 1; the run config is kept as the training stages keep it."""
+        if accumulate != 1:
+            raise ValueError(f"{type(self).__name__} runs a predict loop and does not accumulate: "
+                             f"accumulate={accumulate} must be 1")
+        self.accumulate = 1
+        self.run_config = run_config
+
     def train(self, mode: bool = True):  # nothing here ever trains
         return super().train(False)
 
@@ -110,28 +120,11 @@ class LatentRecordWriter(pl.LightningModule):
         return None
 
     # -- sampling -----------------------------------------------------------------------------------
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        return self.adapter(self.backbone.unet, x, t, cond["context"], cond).float()
-
     @torch.no_grad()
     def sample_latents(self, lr: torch.Tensor, hr_size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
         """z0 for LR images in [0, 1] (StableSR: DDPM from the LR latent noised to T-1)."""
-        cond = self.adapter.condition(self.backbone, lr, hr_size)
-        cond["context"] = self.backbone.prompt_embedding(self.prompt, lr.shape[0])
-        f = self.backbone.vae_factor
-        shape = (lr.shape[0], self.backbone.unet.config.in_channels, hr_size[0] // f, hr_size[1] // f)
-        noise = randn_like(torch.empty(shape, device=lr.device), generator)
-        if self.start == "lr":
-            lr_latent = cond.get("lr_latent")
-            if lr_latent is None or tuple(lr_latent.shape) != shape:
-                up = torch.nn.functional.interpolate(lr, size=hr_size, mode="bicubic", align_corners=False).clamp(0, 1)
-                lr_latent = self.backbone.encode(up, sample=False)
-            ab = self.backbone.alphas_cumprod
-            t = torch.full((shape[0],), ab.shape[0] - 1, device=lr.device, dtype=torch.long)
-            x_T = q_sample(ab, lr_latent.float(), t, noise)
-        else:
-            x_T = noise
-        return self.sampler(self.denoise, x_T, cond, self.backbone.alphas_cumprod, generator=generator).float()
+        cond, x_T = self.stage.prepare(lr, hr_size, prompts=self.prompt, start=self.start, generator=generator)
+        return self.sampler(self.stage.denoise, x_T, cond, self.backbone.alphas_cumprod, generator=generator).float()
 
     # -- predict loop -------------------------------------------------------------------------------
     def on_predict_start(self) -> None:

@@ -1,113 +1,212 @@
-"""Read a trained stage back: its resolved config and its trainable tensors.
+"""The stage layer: read a trained stage from any of the places sr_lab writes one, rebuild it safely.
 
-A stage is referenced by
+A stage is referenced (``checkpoint=``, ``decoder_checkpoint=``, ``stage1=``, an AddSR teacher) by
 
+* a run folder ``<run>`` (its ``export/`` is used),
 * an export folder ``<run>/export`` (``config.yaml`` + ``trainable.safetensors``, what ``sr-train``
-  writes at the end of a run),
-* the ``trainable.safetensors`` file inside one, or
-* a Lightning checkpoint ``*.ckpt`` written by an sr_lab module (``state_dict`` holds the trainable
-  tensors, ``sr_lab.config`` the resolved run config).
+  writes at the end of a run) or the ``trainable.safetensors`` file inside one, or
+* a Lightning checkpoint ``*.ckpt`` written by an sr_lab module (``state_dict`` = the trainable tensors,
+  ``sr_lab.config`` = the resolved run config), read with ``weights_only=True``.
 
-Used by the stages that build on a frozen stage 1 (``stablesr_latents``, ``ccsr_stage2``): they rebuild
-the stage-1 adapter from the stage's *own* stored config (so the adapter settings always match the
-weights) on the current backbone, and load its weights.
+:func:`read_stage_source` reads config + tensors (no model is built) and names the file that is wrong
+when one is. :func:`build_stage` rebuilds the stage with one instantiate of its stored ``module`` config
+— optionally on a given, shared frozen backbone (chained stages: StableSR's latent records, CCSR stage
+2, a teacher and a student on one backbone) — and restores every tensor the stage trained (branches,
+LoRA, decoders, discriminator): a stored tensor the module lacks, a shape mismatch, or a trainable tensor
+the file lacks is a one-line :class:`StageLoadError`. ``trainable=True`` returns it ready to train
+(exactly the stored tensors get ``requires_grad``: a student initialised from a teacher is one call).
+
+The stored config is untrusted input: before anything is instantiated, every ``_target_`` of the nodes
+that are built (``module``, and the stored ``sampler`` that ``sr-infer`` falls back on) must be an
+allow-listed sr_lab class or function (:mod:`sr_lab.config.safe_instantiate`); a crafted config (e.g.
+``module._target_: torch.load`` on a pickle) is refused with one line naming the target, and runs nothing.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from sr_lab.config.safe_instantiate import UnsafeTarget, check_targets, safe_instantiate
+
 log = logging.getLogger(__name__)
 
-__all__ = ["StageFiles", "read_stage", "load_frozen_adapter", "describe_stage_path"]
+__all__ = ["StageLoadError", "StageSource", "describe_stage_path", "read_stage_source", "build_stage",
+           "load_stage", "load_frozen_stage"]
+
+HOW = "give a run folder, an export folder (config.yaml + trainable.safetensors), its trainable.safetensors or a .ckpt"
 
 
-def describe_stage_path(path: str | Path) -> str | None:
-    """``None`` if ``path`` looks like a readable stage, else a one-line reason."""
-    p = Path(str(path)).expanduser()
-    if p.is_dir():
-        missing = [n for n in ("config.yaml", "trainable.safetensors") if not (p / n).is_file()]
-        return f"{p} lacks {', '.join(missing)} (expected an sr-train export folder)" if missing else None
-    if p.is_file():
-        if p.suffix == ".ckpt":
-            return None
-        if p.suffix == ".safetensors":
-            return None if (p.parent / "config.yaml").is_file() else f"{p.parent} has no config.yaml next to {p.name}"
-        return f"{p} is neither an export folder, a .safetensors export nor a .ckpt checkpoint"
-    return f"{p} does not exist"
+class StageLoadError(RuntimeError):
+    """A checkpoint/export that cannot be used (one line naming the file)."""
 
 
-class StageFiles:
-    """``config`` (DictConfig of the stage's resolved run config) and ``state`` (trainable tensors)."""
-
-    def __init__(self, config: DictConfig, state: dict[str, torch.Tensor], source: Path):
-        self.config, self.state, self.source = config, state, source
+@dataclass
+class StageSource:
+    path: Path                       # the file the tensors come from
+    config: DictConfig               # the stored, resolved training config
+    state: dict[str, torch.Tensor]   # the stored trainable tensors
 
     def sub_state(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Tensors under ``prefix.`` with the prefix stripped (e.g. ``adapter``)."""
+        """Tensors under ``prefix.`` with the prefix stripped."""
         p = prefix + "."
         return {k[len(p):]: v for k, v in self.state.items() if k.startswith(p)}
 
 
-def read_stage(path: str | Path) -> StageFiles:
-    """Read an export folder, its ``trainable.safetensors`` or an sr_lab ``.ckpt`` (see module doc)."""
-    reason = describe_stage_path(path)
+def _resolve(source: str | Path) -> Path:
+    """The folder (export) or file a source names; a run folder resolves to its ``export/``."""
+    p = Path(str(source)).expanduser()
+    if p.is_file() and p.suffix == ".safetensors":
+        return p.parent
+    if p.is_dir() and not (p / "config.yaml").exists() and (p / "export").is_dir():
+        return p / "export"
+    return p
+
+
+def describe_stage_path(path: str | Path) -> str | None:
+    """``None`` if ``path`` looks like a readable stage (no file is parsed), else a one-line reason."""
+    p = _resolve(path)
+    if not p.exists():
+        return f"{path} does not exist ({HOW})"
+    if p.is_dir():
+        missing = [n for n in ("config.yaml", "trainable.safetensors") if not (p / n).is_file()]
+        return f"{p} lacks {' and '.join(missing)} ({HOW})" if missing else None
+    if p.suffix != ".ckpt":
+        return f"{p} is neither a run/export folder, a trainable.safetensors nor a .ckpt file"
+    return None
+
+
+# the stored nodes that are built: the stage module (build_stage) and the sampler that sr-infer takes
+# from the stored config when none is chosen (sr_lab/inference/run.py)
+_BUILT_NODES = ("module", "sampler")
+
+
+def _check_stored_targets(src: StageSource) -> StageSource:
+    """Refuse a stored config whose built nodes name a non-allow-listed ``_target_`` (one line)."""
+    for key in _BUILT_NODES:
+        if key not in src.config:
+            continue
+        try:
+            check_targets(src.config[key], "stored config", key=key)
+        except UnsafeTarget as exc:
+            raise StageLoadError(f"{src.path}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - e.g. the node itself does not resolve
+            raise StageLoadError(f"{src.path}: stored config refuses {key} (cannot be resolved: "
+                                 f"{type(exc).__name__})") from exc
+    return src
+
+
+def read_stage_source(source: str | Path) -> StageSource:
+    """Config + tensors of a run folder, export folder, ``trainable.safetensors`` or ``.ckpt`` (no model
+    is built); the stored config's built nodes are checked against the allow-list."""
+    reason = describe_stage_path(source)
     if reason:
-        raise FileNotFoundError(f"stage {path}: {reason}")
-    p = Path(str(path)).expanduser().resolve()
-    if p.suffix == ".ckpt":
+        raise StageLoadError(f"checkpoint {reason}")
+    p = _resolve(source)
+    if p.is_dir():
+        from safetensors.torch import load_file
+
+        cfg_file, weights = p / "config.yaml", p / "trainable.safetensors"
+        try:
+            cfg = OmegaConf.load(cfg_file)
+        except Exception as exc:  # noqa: BLE001 - unparsable yaml
+            raise StageLoadError(f"cannot read {cfg_file}: {type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:200]}") from exc
+        if not isinstance(cfg, DictConfig):
+            raise StageLoadError(f"cannot read {cfg_file}: not a mapping of config keys")
+        try:
+            state = load_file(str(weights))
+        except Exception as exc:  # noqa: BLE001 - corrupt / truncated safetensors
+            raise StageLoadError(f"cannot read {weights}: {type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())[:200]}") from exc
+        return _check_stored_targets(StageSource(weights, cfg, state))
+    try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-        cfg = (ckpt.get("sr_lab") or {}).get("config")
-        if cfg is None:
-            raise ValueError(f"stage {p}: checkpoint has no sr_lab config (not written by sr-train?)")
-        return StageFiles(OmegaConf.create(cfg), dict(ckpt["state_dict"]), p)
-    from safetensors.torch import load_file
-
-    weights = p if p.suffix == ".safetensors" else p / "trainable.safetensors"
-    cfg = OmegaConf.load(weights.parent / "config.yaml")
-    return StageFiles(cfg, load_file(str(weights)), p)
+    except Exception as exc:  # noqa: BLE001
+        raise StageLoadError(f"cannot read checkpoint {p}: {type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]}") from exc
+    config = (ckpt.get("sr_lab") or {}).get("config") if isinstance(ckpt, dict) else None
+    if not config or "state_dict" not in ckpt:
+        raise StageLoadError(f"checkpoint {p} has no sr_lab config/state_dict (not written by sr_lab.train?)")
+    return _check_stored_targets(StageSource(p, OmegaConf.create(config), dict(ckpt["state_dict"])))
 
 
-def _freeze(module: nn.Module) -> nn.Module:
-    module.requires_grad_(False)
-    module.eval()
+def build_stage(src: StageSource, device: str | torch.device | None = "cpu", dtype: torch.dtype | None = None,
+                *, backbone: nn.Module | None = None, trainable: bool = False) -> nn.Module:
+    """Instantiate ``src.config.module`` (on ``backbone`` if given, else on the backbone its config
+    names) and restore ``src.state`` strictly. Frozen and in eval mode unless ``trainable``: then exactly
+    the stored tensors train. ``device=None`` leaves the module where it was built."""
+    if "module" not in src.config:
+        raise StageLoadError(f"{src.path}: stored config has no 'module' section")
+    if backbone is not None:
+        ours, theirs = getattr(backbone, "name", "?"), _backbone_name(src.config)
+        if theirs and ours != theirs:
+            log.warning("stage %s was trained on backbone %s, loading it on %s", src.path, theirs, ours)
+    try:
+        kwargs = {"backbone": backbone} if backbone is not None else {}
+        module = safe_instantiate(src.config.module, where="stored config", **kwargs)
+    except UnsafeTarget as exc:
+        raise StageLoadError(f"{src.path}: {exc}") from exc
+    own = module.state_dict()
+    unknown = sorted(set(src.state) - set(own))
+    if unknown:
+        raise StageLoadError(f"{src.path}: {len(unknown)} stored tensors do not exist in "
+                             f"{type(module).__name__}, e.g. {unknown[:3]} (written by another stage or adapter?)")
+    bad = [k for k, v in src.state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        k = bad[0]
+        raise StageLoadError(f"{src.path}: tensor {k} has shape {tuple(src.state[k].shape)}, the module expects "
+                             f"{tuple(own[k].shape)} ({len(bad)} mismatches)")
+    if hasattr(module, "trainable_state_keys"):
+        lacking = sorted(set(module.trainable_state_keys()) - set(src.state))
+        if lacking:
+            raise StageLoadError(f"{src.path}: lacks {len(lacking)} trainable tensors of {type(module).__name__}, "
+                                 f"e.g. {lacking[:3]}")
+    module.load_state_dict(src.state, strict=False)
+    if trainable:
+        for name, p in module.named_parameters():
+            p.requires_grad_(name in src.state)
+    else:
+        module.eval()
+        module.requires_grad_(False)
+    if device is not None:
+        module.to(device=torch.device(device))
+    if dtype is not None:
+        module.to(dtype=dtype)
     return module
 
 
-def load_frozen_adapter(path: str | Path, backbone: nn.Module) -> tuple[nn.Module, str, StageFiles]:
-    """Rebuild the adapter of the diffusion stage at ``path`` on ``backbone``'s UNet, load its weights,
-    freeze it. Returns ``(adapter, prompt, stage_files)``; ``prompt`` is the stage's training prompt."""
-    from hydra.utils import instantiate
+def load_stage(source: str | Path, device: str | torch.device | None = "cpu", dtype: torch.dtype | None = None,
+               *, backbone: nn.Module | None = None, trainable: bool = False) -> tuple[nn.Module, DictConfig]:
+    """(stage module, its stored training config) from a run folder, export folder, safetensors or
+    ``.ckpt``. Raises :class:`StageLoadError` with one line naming the file when it cannot."""
+    src = read_stage_source(source)
+    return build_stage(src, device, dtype, backbone=backbone, trainable=trainable), src.config
 
-    stage = read_stage(path)
-    mcfg = stage.config.get("module")
-    if mcfg is None or mcfg.get("adapter") is None:
-        raise ValueError(f"stage {path}: its config has no module.adapter (not a diffusion adapter stage)")
-    ours, theirs = getattr(backbone, "name", "?"), _backbone_name(stage.config)
-    if theirs and ours != theirs:
-        log.warning("stage %s was trained on backbone %s, loading it on %s", path, theirs, ours)
-    factory: Any = instantiate(mcfg.adapter)
-    adapter = factory(backbone.unet) if not isinstance(factory, nn.Module) else factory
-    state = stage.sub_state("adapter")
-    expected = {n for n, _ in adapter.named_parameters()}
-    missing = sorted(expected - set(state))
-    if missing:
-        raise KeyError(f"stage {path}: lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
-    result = adapter.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise KeyError(f"stage {path}: unexpected adapter tensors, e.g. {result.unexpected_keys[:3]}")
-    return _freeze(adapter), str(mcfg.get("prompt", "") or ""), stage
+
+def load_frozen_stage(source: str | Path, backbone: nn.Module) -> nn.Module:
+    """The trained stage at ``source`` rebuilt frozen on the shared ``backbone`` (chained stages)."""
+    return load_stage(source, device=None, backbone=backbone)[0]
 
 
 def _backbone_name(cfg: DictConfig) -> str | None:
-    target = str(OmegaConf.select(cfg, "backbone._target_", default="") or "")
-    if target.endswith("build_tiny"):
-        return "tiny"
-    if target.endswith("load_pretrained"):
-        return str(OmegaConf.select(cfg, "backbone.name", default="sd21_base"))
-    return None
+    """The stage's backbone: its config's ``backbone.name``, else the name its builder declares
+    (:func:`~sr_lab.models.backbone.backbone_builder`); None when the builder declares none. The stored
+    config is untrusted: a builder outside the allow-list of :mod:`sr_lab.config.safe_instantiate` is not
+    even imported (None)."""
+    from sr_lab.config.safe_instantiate import UnsafeTarget, check_targets
+    from sr_lab.config.validation import declared
+
+    try:
+        check_targets({"_target_": str(OmegaConf.select(cfg, "backbone._target_", default="") or "")},
+                      key="backbone")
+    except UnsafeTarget:
+        return None
+    default = declared(cfg, "backbone", "backbone_name")
+    if default is None:
+        return None
+    return str(OmegaConf.select(cfg, "backbone.name", default=default))

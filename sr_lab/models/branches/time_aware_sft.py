@@ -13,7 +13,8 @@
   zero-initialised, so before training the adapted UNet *is* the frozen UNet (bit for bit).
 
 The SFT layers are attached to the unmodified diffusers ``UNet2DConditionModel`` through forward
-hooks that exist only while :meth:`TimeAwareSFTAdapter.forward` runs (they are removed in a
+hooks that exist only during one runner forward (:meth:`TimeAwareSFTBranch.attach`, removed by
+:class:`sr_lab.models.runner.ControlledUNet` (they are removed in a
 ``finally``), so the same UNet object stays clean for every other user (e.g. a CFG branch without the
 adapter, another stage). Not thread-safe: two concurrent forwards on one UNet would see each other's
 hooks.
@@ -42,7 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TimeAwareEncoder", "SFTLayer", "TimeAwareSFTAdapter", "derive_encoder_settings",
+from sr_lab.models.branches.base import ControlBranch
+
+__all__ = ["TimeAwareEncoder", "SFTLayer", "TimeAwareSFTBranch", "derive_encoder_settings",
            "unet_resblock_levels"]
 
 
@@ -226,20 +229,21 @@ class SFTLayer(nn.Module):
         return out.to(feat.dtype)
 
 
-class TimeAwareSFTAdapter(nn.Module):
-    """Adapter ``time_aware_sft`` (StableSR stage 1): time-aware encoder + one SFT layer per UNet ResBlock.
+class TimeAwareSFTBranch(ControlBranch):
+    """Branch ``time_aware_sft`` (StableSR stage 1): time-aware encoder + one SFT layer per UNet ResBlock.
 
-    Interface (``sr_lab.models.adapters``): :meth:`condition` → ``{"lr_latent"}`` (spatial, so a tiled
-    sampler crops it per tile; the encoder runs inside :meth:`forward` on whatever it receives) and
-    :meth:`forward` ``(unet, x, t, context, cond) -> ε̂``. Only the encoder and the SFT layers train.
+    Branch interface (:class:`sr_lab.models.branches.base.ControlBranch`): the condition is the LR latent
+    under ``cond_key`` (spatial, so a tiled sampler crops it per tile; the encoder runs inside
+    :meth:`attach` on whatever it receives), and :meth:`attach` registers the SFT hooks for one UNet
+    evaluation (no residuals). Only the encoder and the SFT layers train.
     """
 
     def __init__(self, unet: nn.Module, latent_channels: int = 4, model_channels: int | None = None,
                  channel_mult: Sequence[int] | None = None, num_res_blocks: int | None = None,
                  attention_levels: Sequence[int] | None = None, num_heads: int | None = None,
                  out_channels: int | None = None, sft_hidden: int | None = None, position: str = "residual",
-                 seed: int = 0):
-        super().__init__()
+                 seed: int = 0, cond_key: str = "lr_latent"):
+        super().__init__(cond_key)
         if position not in ("residual", "output"):
             raise ValueError(f"time_aware_sft: position={position!r} must be 'residual' or 'output'")
         self.settings = derive_encoder_settings(
@@ -264,17 +268,10 @@ class TimeAwareSFTAdapter(nn.Module):
     def _key(name: str) -> str:
         return name.replace(".", "_")
 
-    @torch.no_grad()
-    def condition(self, backbone, lr01: torch.Tensor, hr_size: tuple[int, int]) -> dict:
-        """LR in [0, 1] -> bicubic to the HR size (if smaller) -> VAE latent (posterior mode)."""
-        if tuple(lr01.shape[-2:]) != tuple(hr_size):
-            lr01 = F.interpolate(lr01, size=hr_size, mode="bicubic", align_corners=False).clamp(0, 1)
-        return {"lr_latent": backbone.encode(lr01, sample=False)}
-
     def _hook(self, key: str, cond: torch.Tensor, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         return self.sft[key](output, cond)
 
-    def attach(self, unet: nn.Module, features: Sequence[torch.Tensor]) -> list:
+    def attach_features(self, unet: nn.Module, features: Sequence[torch.Tensor]) -> list:
         """Register the SFT hooks for ``features`` (one per level); returns the handles to remove."""
         handles = []
         try:
@@ -287,13 +284,5 @@ class TimeAwareSFTAdapter(nn.Module):
             raise
         return handles
 
-    def forward(self, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                cond: dict) -> torch.Tensor:
-        feats = self.encoder(cond["lr_latent"], t)
-        udt = unet.dtype
-        handles = self.attach(unet, feats)
-        try:
-            return unet(x.to(udt), t, encoder_hidden_states=context.to(udt)).sample
-        finally:
-            for h in handles:
-                h.remove()
+    def attach(self, unet, x, t, context, cond) -> list:
+        return self.attach_features(unet, self.encoder(cond[self.cond_key], t))
