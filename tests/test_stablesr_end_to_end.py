@@ -28,7 +28,8 @@ def chain(tmp_path_factory):
     train_run(compose_train([*TINY, *GAN, "experiment=stablesr_cfw", f"records.dir={root / 'records'}",
                              "data.crop_size=32"], root / "cfw"))
     train_run(compose_train([*TINY, "experiment=ccsr_stage1"], root / "c1"))
-    train_run(compose_train([*TINY, *GAN, "experiment=ccsr_stage2", f"stage1={root / 'c1' / 'export'}",
+    # stage1= takes a run folder as well as an export folder, a trainable.safetensors or a .ckpt
+    train_run(compose_train([*TINY, *GAN, "experiment=ccsr_stage2", f"stage1={root / 'c1'}",
                              "sampler.steps=3"], root / "c2"))
     return root
 
@@ -87,3 +88,63 @@ def test_ccsr_inference_with_the_stage2_decoder(chain, lr_image, tmp_path):
     a = np.asarray(Image.open(plain / "seed_0" / "x.png"))
     b = np.asarray(Image.open(tuned / "seed_0" / "x.png"))
     assert a.shape == b.shape == (48, 40, 3) and not np.array_equal(a, b)  # the finetuned decoder decodes
+
+
+def test_ccsr_stage2_decoder_decodes_the_sampled_latent(chain):
+    """The stage-2 decoder is applied to exactly the latent the stage-1 sampler returned: the pipeline's
+    output equals ``c2.decode_latent`` of that latent, the plain output ``c1.decode_latent`` of it."""
+    import hydra
+    import torch.nn.functional as F
+
+    from sr_lab.inference import SRPipeline, TileSettings
+
+    c1, cfg = load_stage(chain / "c1" / "export")
+    c2, _ = load_stage(chain / "c2" / "export")
+    sampler = hydra.utils.instantiate(cfg.sampler)
+    seen = []
+
+    def recording(*a, **k):
+        seen.append(sampler(*a, **k))
+        return seen[-1]
+
+    lr = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(0))
+    tiles = TileSettings(enabled=False)
+    tuned = SRPipeline(c1, recording, decoder_stage=c2, tile=tiles)(lr, [0])[0]
+    plain = SRPipeline(c1, recording, tile=tiles)(lr, [0])[0]
+    assert torch.equal(seen[0], seen[1])  # same seed, same latent
+    up = F.interpolate(lr, size=(48, 40), mode="bicubic", align_corners=False).clamp(0, 1)
+    with torch.no_grad():
+        assert torch.allclose(tuned, c2.decode_latent(seen[0], up), atol=1e-6)
+        assert torch.allclose(plain, c1.decode_latent(seen[0], up), atol=1e-6)
+    assert not torch.allclose(tuned, plain, atol=1e-3)
+
+
+def test_checkpoint_and_decoder_checkpoint_kinds_are_checked(chain, lr_image, tmp_path):
+    from sr_lab.config.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint=.* does not denoise .*give it as decoder_checkpoint="):
+        _infer([f"checkpoint={chain / 'cfw' / 'export'}", f"input={lr_image}", f"output_dir={tmp_path / 'a'}"])
+    with pytest.raises(ConfigError, match="decoder_checkpoint=.* without a trained decoder"):
+        _infer([f"checkpoint={chain / 's1' / 'export'}", f"input={lr_image}", f"output_dir={tmp_path / 'b'}",
+                f"decoder_checkpoint={chain / 'c1' / 'export'}"])
+
+
+def test_a_stage_loads_from_every_reference_and_as_a_trainable_student(chain, tiny_backbone):
+    """run folder, export folder, trainable.safetensors: the same tensors; trainable=True on a shared
+    backbone gives exactly the stored tensors requires_grad (a student initialised from a teacher)."""
+    from safetensors.torch import load_file
+
+    from sr_lab.modules.stage_io import load_frozen_stage
+
+    stored = load_file(chain / "c1" / "export" / "trainable.safetensors")
+    for ref in (chain / "c1", chain / "c1" / "export", chain / "c1" / "export" / "trainable.safetensors"):
+        m, _ = load_stage(ref)
+        state = m.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in stored.items())
+        assert not any(p.requires_grad for p in m.parameters())
+    student, _ = load_stage(chain / "c1", backbone=tiny_backbone, trainable=True)
+    teacher = load_frozen_stage(chain / "c1", tiny_backbone)
+    assert student.backbone is teacher.backbone is tiny_backbone
+    names = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert names == set(stored)
+    assert not any(p.requires_grad for p in teacher.parameters())

@@ -29,7 +29,7 @@ re-noise, then DDPM).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 

@@ -15,17 +15,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from sr_lab.diffusion.samplers.loop import Model, check_timesteps, run_steps
+from sr_lab.diffusion.samplers.ddpm_spaced import timesteps as spaced_timesteps
+from sr_lab.diffusion.samplers.loop import Model, run_steps
 from sr_lab.diffusion.samplers.registry import declares_timesteps
 from sr_lab.diffusion.samplers.steps import ddim_rule, ddim_step  # noqa: F401 (re-export)
-from sr_lab.diffusion.timesteps import space_timesteps
 
 
 def timesteps(num_timesteps: int, steps: int = 50, timesteps: Sequence[int] | None = None) -> list[int]:
-    """The timesteps the sampler evaluates, descending (an explicit list wins)."""
-    if timesteps is not None:
-        return check_timesteps(timesteps, num_timesteps)
-    return space_timesteps(num_timesteps, steps)[::-1]
+    """The timesteps the sampler evaluates, descending (an explicit list wins): the DDPM sampler's."""
+    return spaced_timesteps(num_timesteps, steps, timesteps)
 
 
 _timesteps = timesteps
