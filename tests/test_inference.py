@@ -325,3 +325,20 @@ def test_empty_input_and_name_clashes_are_config_errors(trained_run, tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(clash / f"a.{ext}")
     with pytest.raises(ConfigError, match=r"a\.jpg and a\.png would both be written as a\.png"):
         run_inference(compose_infer([*base, f"input={clash}"]))
+
+
+@pytest.mark.parametrize("first,want", [(1, [999]), (None, [999, 749, 499, 249])])
+def test_addsr_sampler_with_psr_hook_from_config(first, want, trained_run, tmp_path):
+    """`sampler=addsr` (re-noise rule + PSR step hook, a nested _target_) runs through sr-infer; run.json
+    records exactly the listed timesteps (1-step: the model once at T-1)."""
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(img)
+    over = [f"checkpoint={trained_run / 'export'}", f"input={img}", f"output_dir={tmp_path / 'o'}", "sampler=addsr",
+            "progress=false", "seeds=[0,1]"]
+    if first is not None:
+        over.append(f"sampler.first={first}")
+    out = run_inference(compose_infer(over))
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["timesteps"] == want and meta["model_calls_per_image"] == len(want)
+    assert meta["sampler"]["hook"]["_target_"] == "sr_lab.diffusion.hooks.PSRHook"
+    assert Image.open(out / "seed_1" / "x.png").size == (32, 32)

@@ -152,3 +152,24 @@ def test_per_sample_prompts_embed_each_row(tiny_backbone):
     assert torch.equal(ctx[1], bb.prompt_embedding("", 1)[0])
     with pytest.raises(ValueError, match="2 prompts for a batch of 3"):
         bb.prompt_embedding(["a", "b"], 3)
+
+
+def test_refine_blends_with_the_lr_in_latent_and_pixel_space(tiny_backbone):
+    """PSR refinement (AddSR Eq. 2): latent space w·x̂0 + (1−w)·z_LR; pixel space E(w·D(x̂0) + (1−w)·I_LR);
+    repeated refinements always blend with the LR's own entry, never with a previous refinement."""
+    bb = tiny_backbone
+    runner = ControlledUNet(bb.unet, {"controlnet": ControlNetBranch(bb.unet, seed=0)})
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = runner.condition(bb, lr, (64, 64))
+    z_lr = cond["lr_latent"]
+    x0 = torch.randn_like(z_lr)
+    c1 = runner.refine(bb, cond, x0, 0.25, "latent")
+    assert torch.allclose(c1["lr_latent"], 0.25 * x0 + 0.75 * z_lr)
+    c2 = runner.refine(bb, c1, 2 * x0, 0.25, "latent")
+    assert torch.allclose(c2["lr_latent"], 0.5 * x0 + 0.75 * z_lr, atol=1e-6)
+    assert torch.equal(runner.refine(bb, c2, x0, 0.0)["lr_latent"], z_lr)
+    cp = runner.refine(bb, cond, x0, 0.5, "pixel")
+    with torch.no_grad():
+        want = bb.encode((0.5 * bb.decode(x0) + 0.5 * cond["lr_image"]).clamp(0, 1), sample=False)
+    assert torch.allclose(cp["lr_latent"], want, atol=1e-5)
+    assert torch.equal(cond["lr_latent"], z_lr)  # the input condition is not modified

@@ -148,3 +148,14 @@ def test_a_stage_loads_from_every_reference_and_as_a_trainable_student(chain, ti
     names = {n for n, p in student.named_parameters() if p.requires_grad}
     assert names == set(stored)
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_the_start_a_stage_was_validated_with_is_the_inference_default(chain):
+    from sr_lab.diffusion.samplers import ddim
+    from sr_lab.inference import SRPipeline
+
+    s1, cfg = load_stage(chain / "s1")
+    c1, _ = load_stage(chain / "c1")
+    assert cfg.module.start == "lr" and s1.start == "lr" and c1.start == "noise"
+    assert SRPipeline(s1, ddim.sample).start_mode == "lr" and SRPipeline(c1, ddim.sample).start_mode == "noise"
+    assert SRPipeline(s1, ddim.sample, start="noise").start_mode == "noise"
