@@ -16,6 +16,11 @@ peak resident set size, model weights included).
 
 Usage: python benchmarks/inference.py [--checkpoint PATH] [--sampler ccsr_truncated|ddpm_spaced|ddim]
        [--steps N] [--size 128] [--upscale 4] [--seeds 10] [--iters 2] [--device cuda|cpu] [--precision 32|bf16]
+
+``--compare`` prints one row per method's sampler schedule on the same stage, device and run (StableSR
+DDPM-200 and DDIM-20, CCSR-15, AddSR-1 and AddSR-4 with its PSR hook): listed timesteps = model calls per
+image, s/image, peak memory. On the tiny default stage the rows compare the samplers' cost on one
+ControlNet stage (the methods' own branches differ at the real shape).
 """
 from __future__ import annotations
 
@@ -45,6 +50,18 @@ def peak_memory_mib(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process RSS"
 
 
+def load_bench_stage(checkpoint: str | None, device: torch.device):
+    """(stage, its config, a display name): ``checkpoint`` or the tiny default CCSR stage 1."""
+    from sr_lab.inference import load_stage
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if checkpoint:
+        stage, cfg = load_stage(checkpoint, device)
+        return stage, cfg, str(cfg.get("task_name", Path(checkpoint).name))
+    stage, cfg = build_default_stage(device)
+    return stage, cfg, "ccsr_stage1(tiny, untrained)"
+
+
 def build_default_stage(device: torch.device):
     """CCSR stage 1 on the tiny backbone from the training config (random ControlNet)."""
     import hydra
@@ -68,21 +85,18 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2, help="timed single-image runs (after one warm-up)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="32", choices=["32", "bf16"])
+    ap.add_argument("--compare", action="store_true", help="one row per method's sampler on the same stage")
     args = ap.parse_args()
+    if args.compare:
+        return compare(args)
 
     import hydra
     from omegaconf import OmegaConf
 
-    from sr_lab.inference import SRPipeline, load_stage
+    from sr_lab.inference import SRPipeline
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = torch.device(args.device)
-    if args.checkpoint:
-        stage, cfg = load_stage(args.checkpoint, device)
-        name = str(cfg.get("task_name", Path(args.checkpoint).name))
-    else:
-        stage, cfg = build_default_stage(device)
-        name = "ccsr_stage1(tiny, untrained)"
+    stage, cfg, name = load_bench_stage(args.checkpoint, device)
     if args.sampler:
         scfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sampler" / f"{args.sampler}.yaml"))
     else:
@@ -143,6 +157,43 @@ def main() -> None:
           f"({t_batched / args.seeds:.2f} s/seed), one by one {t_single:.1f} s ({t_single / args.seeds:.2f} s/seed), "
           f"x{t_single / t_batched:.2f} (process CPU time {c_batched:.1f} s vs {c_single:.1f} s); "
           f"max |batched - single| = {diff:.1e}")
+
+
+COMPARE = [("StableSR DDPM-200", "ddpm_spaced", {"steps": 200}), ("StableSR DDIM-20", "ddim", {"steps": 20}),
+           ("CCSR-15", "ccsr_truncated", {"grid": 45}), ("AddSR-1", "addsr", {"first": 1}), ("AddSR-4", "addsr", {})]
+
+
+def compare(args) -> None:
+    """One row per method schedule, same stage / device / process (a side-by-side comparison)."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from sr_lab.diffusion.samplers import sampler_timesteps
+    from sr_lab.inference import SRPipeline
+
+    device = torch.device(args.device)
+    stage, cfg, name = load_bench_stage(args.checkpoint, device)
+    lr = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    out_side = args.size * args.upscale
+    for label, option, knobs in COMPARE:
+        scfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sampler" / f"{option}.yaml"))
+        scfg.update(knobs)
+        sampler = hydra.utils.instantiate(scfg)
+        calls = len(sampler_timesteps(sampler, stage.backbone.num_timesteps))
+        pipe = SRPipeline(stage, sampler, upscale=args.upscale, precision=args.precision, start="lr")
+        pipe(lr, [0])  # warm-up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(args.iters):
+            pipe(lr, [i])
+        sync(device)
+        per_image = (time.perf_counter() - t0) / args.iters
+        mem, mem_kind = peak_memory_mib(device)
+        print(f"compare {label:17s} {name} {args.size}->{out_side} sampler={option} {calls:3d} model calls "
+              f"precision={args.precision} device={device.type} ({device_name(device)}): {per_image:.3f} s/image, "
+              f"peak memory {mem:.0f} MiB ({mem_kind})")
 
 
 if __name__ == "__main__":

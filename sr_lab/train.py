@@ -73,9 +73,12 @@ def finish_loggers(loggers: list, status: str) -> None:
         wandb.finish(exit_code=0 if status == "success" else 1)
 
 
-def export_trainable(module, out_dir: Path, cfg: DictConfig) -> Path:
-    """Write the trainable weights as safetensors plus the resolved config next to them."""
+def export_trainable(module, out_dir: Path, cfg: DictConfig, ema: dict | None = None) -> Path:
+    """Write the trainable weights as safetensors plus the resolved config next to them; with ``ema``
+    (:meth:`sr_lab.ema.EMA.export_state`) also their EMA as ``trainable_ema.safetensors`` (same keys)."""
     from safetensors.torch import save_file
+
+    from sr_lab.modules.stage_io import EMA_FILE
 
     out_dir.mkdir(parents=True, exist_ok=True)
     keep = module.trainable_state_keys()
@@ -84,6 +87,13 @@ def export_trainable(module, out_dir: Path, cfg: DictConfig) -> Path:
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"sr_lab_task": str(cfg.task_name)})
     os.replace(tmp, path)
+    ema_path = out_dir / EMA_FILE
+    if ema is not None:
+        tmp = ema_path.with_suffix(".tmp")
+        save_file({k: ema[k] for k in state}, str(tmp), metadata={"sr_lab_task": str(cfg.task_name), "ema": "true"})
+        os.replace(tmp, ema_path)
+    else:  # never leave a stale EMA of an earlier run in this folder (sr-infer would prefer it)
+        ema_path.unlink(missing_ok=True)
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     return path
 
@@ -115,6 +125,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         seed_everything(int(cfg.seed), workers=True)
         callbacks = [inst(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        ema_cb = None
+        if OmegaConf.select(cfg, "ema.decay") is not None and cfg.get("run_mode", "fit") == "fit":
+            from sr_lab.ema import EMA
+
+            ema_cb = EMA(float(cfg.ema.decay), use_for_validation=bool(cfg.ema.get("use_for_validation", True)))
+            callbacks.append(ema_cb)
         trainer = inst(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                        plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir), _convert_="object")
         world = trainer.world_size
@@ -154,7 +170,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         if trainer.is_global_zero:
             if cfg.train.export_weights and fit:
-                path = export_trainable(module, out_dir / "export", cfg)
+                path = export_trainable(module, out_dir / "export", cfg,
+                                        ema=ema_cb.export_state(module) if ema_cb is not None else None)
                 log.info("trainable weights: %s", path)
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         status = "success"

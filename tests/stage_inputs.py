@@ -52,7 +52,7 @@ def fake_records(root: Path, num: int = 6, shard_size: int = 4, size: int = 64, 
 
 def preset_inputs(name: str, tmp_path_factory, backbone) -> list[str]:
     """Overrides that make preset ``name`` self-contained (empty for presets that need nothing)."""
-    if name not in ("stablesr_latents", "stablesr_cfw", "ccsr_stage2"):
+    if name not in ("stablesr_latents", "stablesr_cfw", "ccsr_stage2", "addsr"):
         return []
     root = _CACHE.get("root") or tmp_path_factory.mktemp("stage_inputs")
     _CACHE["root"] = root
@@ -60,4 +60,6 @@ def preset_inputs(name: str, tmp_path_factory, backbone) -> list[str]:
         return [f"stage1={stage1_export('stablesr_stage1', root, backbone)}", f"records.dir={root / 'records_out'}"]
     if name == "stablesr_cfw":
         return [f"records.dir={fake_records(root)}", "perceptual.allow_random_init=true"]
+    if name == "addsr":
+        return [f"teacher={stage1_export('addsr_teacher', root, backbone)}"]
     return [f"stage1={stage1_export('ccsr_stage1', root, backbone)}", "perceptual.allow_random_init=true"]

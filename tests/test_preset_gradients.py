@@ -45,7 +45,12 @@ def test_every_trainable_parameter_gets_a_gradient_and_no_frozen_one(name, tmp_p
     missing = sorted(trainable - set(seen))
     assert not missing, f"{name}: {len(missing)} trainable tensors never got a gradient, e.g. {missing[:3]}"
     bad = [n for n, g in seen.items() if not torch.isfinite(g).all()]
-    zero = [n for n, g in seen.items() if float(g.abs().sum()) == 0.0]
+    # exempt by construction: the bias of a projected-discriminator head's last conv shifts real and fake
+    # logits alike (same c_img projection), so while every hinge margin is active its gradients from
+    # E[relu(1 - D(x))] and E[relu(1 + D(x_hat))] cancel exactly
+    exempt = ("discriminator.heads.",)
+    zero = [n for n, g in seen.items() if float(g.abs().sum()) == 0.0
+            and not (n.startswith(exempt) and n.endswith(".cls.bias"))]
     assert not bad, f"{name}: non-finite gradients in {bad[:3]}"
     assert not zero, f"{name}: {len(zero)} all-zero gradients at the last step, e.g. {zero[:3]}"
     assert not frozen_with_grad, f"{name}: frozen tensors got gradients: {sorted(frozen_with_grad)[:3]}"

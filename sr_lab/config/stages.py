@@ -64,16 +64,18 @@ def validate_stage_keys(cfg: DictConfig, error: type[Exception]) -> None:
         raise error("ckpt_path is not used by run_mode=predict (it resumes by skipping the shards already written)")
 
     module = _raw(cfg, "module") or {}
-    if _mentions(module, "${stage1}"):
-        stage1 = OmegaConf.select(cfg, "stage1", default=None)
-        if stage1 in (None, "", "???"):
-            raise error("stage1 is required: the export folder (or .ckpt) of the trained stage-1 run, "
-                        "e.g. stage1=outputs/<stage1 task>/<date>/export")
+    for key, what in (("stage1", "the trained stage-1 run"), ("teacher", "the trained teacher stage (AddSR)")):
+        if not _mentions(module, "${" + key + "}"):
+            continue
+        value = OmegaConf.select(cfg, key, default=None)
+        if value in (None, "", "???"):
+            raise error(f"{key} is required: the run folder, export folder (or .ckpt) of {what}, "
+                        f"e.g. {key}=outputs/<task>/<date>")
         from sr_lab.modules.stage_io import describe_stage_path
 
-        reason = describe_stage_path(stage1)
+        reason = describe_stage_path(value)
         if reason:
-            raise error(f"stage1={stage1}: {reason}")
+            raise error(f"{key}={value}: {reason}")
 
     decoder = module.get("decoder") if isinstance(module, dict) else None
     if isinstance(decoder, dict):

@@ -129,6 +129,11 @@ def validate_config(cfg: DictConfig) -> None:
     betas = _get(cfg, "optim.betas")
     if betas is None or len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
         raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1)")
+    decay = _get(cfg, "ema.decay")
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1):
+        raise ConfigError(f"ema.decay={decay} must be a number in (0, 1), e.g. 0.99 (or null: no EMA)")
+    if not isinstance(_get(cfg, "ema.use_for_validation", True), bool):
+        raise ConfigError(f"ema.use_for_validation={_get(cfg, 'ema.use_for_validation')} must be true or false")
     prec = str(_get(cfg, "trainer.precision"))
     if prec not in PRECISIONS:
         raise ConfigError(f"trainer.precision={prec} must be one of {sorted(PRECISIONS)}")
@@ -140,6 +145,10 @@ def validate_config(cfg: DictConfig) -> None:
     from sr_lab.config.stages import needs_hr_folders, validate_stage_keys
 
     validate_stage_keys(cfg, ConfigError)  # run_mode, stage1, decoder-GAN and the data module's own keys
+    for key in ("prompt", "discriminator"):  # components that need weights declare their own check
+        check = declared(cfg, key, "validate_config") if _get(cfg, key) is not None else None
+        if check is not None:
+            check(cfg, ConfigError)
     dirs = _get(cfg, "data.hr_dirs")
     if not needs_hr_folders(cfg):
         pass  # e.g. latent records (stablesr_cfw): checked by the data module, no HR folder to probe

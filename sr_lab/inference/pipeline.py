@@ -36,7 +36,7 @@ from sr_lab.diffusion.samplers import sampler_timesteps
 from sr_lab.inference.color_fix import METHODS as COLOR_FIX_METHODS
 from sr_lab.inference.color_fix import color_fix as apply_color_fix
 from sr_lab.inference.tiling import TiledModel, tiled_decode, tiled_vae_encode
-from sr_lab.models.stage_inputs import lr_start_latent, start_latent
+from sr_lab.models.stage_inputs import lr_start_latent, repeat_rows, start_latent
 from sr_lab.utils.seeding import make_generator
 
 STARTS = ("noise", "lr")
@@ -72,17 +72,6 @@ def seed_generators(seeds: Sequence[int], rows_per_seed: int, device: torch.devi
     """Generators for a batch laid out seed-major: ``rows_per_seed`` rows per seed, each row seeded
     with ``make_generator(seed, "infer")`` — identical streams for a seed however it is batched."""
     return GeneratorRows(make_generator(int(s), "infer", device=device) for s in seeds for _ in range(rows_per_seed))
-
-
-def _repeat_batch(value, batch: int, times: int):
-    """Repeat batch-shaped tensors ``times`` along dim 0 (recursing into dicts/lists/tuples)."""
-    if torch.is_tensor(value):
-        return torch.cat([value] * times) if value.ndim > 0 and value.shape[0] == batch and times > 1 else value
-    if isinstance(value, dict):
-        return {k: _repeat_batch(v, batch, times) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_repeat_batch(v, batch, times) for v in value)
-    return value
 
 
 class _StepCounter:
@@ -228,7 +217,7 @@ class SRPipeline:
             n = len(chunk)
             gens = seed_generators(chunk, b, dev)
             x_t = start_latent(self.backbone, cond, start, gens, repeat=n, z_lr=z_lr)
-            cond_n = _repeat_batch(cond, b, n)
+            cond_n = repeat_rows(cond, b, n)
             bar = None
             if self.progress:
                 from tqdm.auto import tqdm

@@ -279,10 +279,13 @@ def run_inference(cfg: DictConfig) -> Path:
     validate_infer_config(cfg)
     inputs = list_inputs(cfg.input)
     seeds = [int(s) for s in ([cfg.seeds] if _is_int(cfg.seeds) else cfg.seeds)]
-    src = read_stage_source(cfg.checkpoint)
+    ema = cfg.get("ema", True)
+    if not isinstance(ema, bool):
+        raise ConfigError(f"ema={ema} must be true (EMA weights when the stage has them) or false (raw)")
+    src = read_stage_source(cfg.checkpoint, ema=ema)
     sampler_cfg = effective_sampler_config(cfg.get("sampler"), src.config)
     timesteps = check_sampler_against_stage(sampler_cfg, src.config)
-    dec_src = read_stage_source(cfg.decoder_checkpoint) if cfg.get("decoder_checkpoint") else None
+    dec_src = read_stage_source(cfg.decoder_checkpoint, ema=ema) if cfg.get("decoder_checkpoint") else None
     _check_stage_kinds(cfg, src, dec_src)
     upscale = int(cfg.upscale if cfg.get("upscale") is not None else (src.config.get("upscale") or 4))
     device = resolve_device(str(cfg.device))
@@ -359,6 +362,7 @@ def run_inference(cfg: DictConfig) -> Path:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "checkpoint": {"path": str(src.path), "task_name": src.config.get("task_name"),
                        "stage": str(OmegaConf.select(src.config, "module._target_"))},
+        "ema": src.ema,  # the EMA weights were used (ema=true and the stage has them)
         "decoder_checkpoint": None if dec_src is None else {"path": str(dec_src.path),
                                                             "task_name": dec_src.config.get("task_name")},
         "sampler": sampler_cfg,

@@ -2,9 +2,10 @@
 
 A prompt source is ``source(lr01, hr01=None) -> list[str]``, one prompt per batch row. StableSR and CCSR
 use the empty prompt (``prompt=none``); ``prompt=fixed`` gives every row the same text; tag extractors
-(AddSR's tag prompts: CLIP zero-shot tags of the LR for the student, of the HR for the teacher) plug in
-as further options. :meth:`sr_lab.models.backbone.Backbone.prompt_embedding` embeds the list (each
-distinct string once, cached).
+plug in as further options: ``prompt=clip_tags`` (:class:`sr_lab.models.tagging.ClipTags`, AddSR's tag
+prompts: CLIP zero-shot tags of the LR for the student, ``prompt.image=hr`` for the teacher).
+:meth:`sr_lab.models.backbone.Backbone.prompt_embedding` embeds the list (each distinct string once,
+cached).
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from sr_lab.diffusion.guidance import UNCOND_KEY
 from sr_lab.diffusion.schedule import q_sample, randn_like
 from sr_lab.models.branches.base import LR_IMAGE_KEY
 
-__all__ = ["STARTS", "IMAGE_CONTEXT_KEY", "build_condition", "lr_start_latent", "start_latent"]
+__all__ = ["STARTS", "IMAGE_CONTEXT_KEY", "build_condition", "lr_start_latent", "start_latent", "repeat_rows"]
 
 STARTS = ("noise", "lr", "hr")
 IMAGE_CONTEXT_KEY = "image_context"
@@ -81,3 +81,16 @@ def start_latent(backbone, cond: dict, start: str, generator, *, repeat: int = 1
     ab = backbone.alphas_cumprod
     t = torch.full((shape[0],), ab.shape[0] - 1, device=noise.device, dtype=torch.long)
     return q_sample(ab, x0, t, noise)
+
+
+def repeat_rows(value, batch: int, times: int):
+    """Repeat batch-shaped tensors (first dim == ``batch``) ``times`` along dim 0, recursing into
+    dicts/lists/tuples; anything else (callables such as ``refine``) passes through. Seed batching at
+    inference and AddSR's k teacher draws per sample use it on a condition."""
+    if torch.is_tensor(value):
+        return torch.cat([value] * times) if value.ndim > 0 and value.shape[0] == batch and times > 1 else value
+    if isinstance(value, dict):
+        return {k: repeat_rows(v, batch, times) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(repeat_rows(v, batch, times) for v in value)
+    return value

@@ -8,6 +8,11 @@ A stage is referenced (``checkpoint=``, ``decoder_checkpoint=``, ``stage1=``, an
 * a Lightning checkpoint ``*.ckpt`` written by an sr_lab module (``state_dict`` = the trainable tensors,
   ``sr_lab.config`` = the resolved run config), read with ``weights_only=True``.
 
+EMA weights (``ema.decay``, :mod:`sr_lab.ema`) are used when the source has them and ``ema=True`` (the
+default): an export folder's ``trainable_ema.safetensors`` (same keys as ``trainable.safetensors``), a
+checkpoint's EMA callback state (``callbacks[EMA_STATE_KEY]``). A named ``.safetensors`` file is used as
+named. :attr:`StageSource.ema` says which weights were read, :attr:`StageSource.path` the file.
+
 :func:`read_stage_source` reads config + tensors (no model is built) and names the file that is wrong
 when one is. :func:`build_stage` rebuilds the stage with one instantiate of its stored ``module`` config
 — optionally on a given, shared frozen backbone (chained stages: StableSR's latent records, CCSR stage
@@ -35,8 +40,11 @@ from sr_lab.config.safe_instantiate import UnsafeTarget, check_targets, safe_ins
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StageLoadError", "StageSource", "describe_stage_path", "read_stage_source", "build_stage",
-           "load_stage", "load_frozen_stage"]
+__all__ = ["EMA_FILE", "EMA_STATE_KEY", "StageLoadError", "StageSource", "describe_stage_path", "read_stage_source",
+           "build_stage", "load_stage", "load_frozen_stage"]
+
+EMA_FILE = "trainable_ema.safetensors"  # the EMA weights next to trainable.safetensors in an export
+EMA_STATE_KEY = "sr_lab.EMA"            # the EMA callback's state key in a Lightning checkpoint
 
 HOW = "give a run folder, an export folder (config.yaml + trainable.safetensors), its trainable.safetensors or a .ckpt"
 
@@ -50,6 +58,7 @@ class StageSource:
     path: Path                       # the file the tensors come from
     config: DictConfig               # the stored, resolved training config
     state: dict[str, torch.Tensor]   # the stored trainable tensors
+    ema: bool = False                # the tensors are the EMA weights (trainable_ema / the ckpt's EMA state)
 
     def sub_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors under ``prefix.`` with the prefix stripped."""
@@ -100,9 +109,11 @@ def _check_stored_targets(src: StageSource) -> StageSource:
     return src
 
 
-def read_stage_source(source: str | Path) -> StageSource:
+def read_stage_source(source: str | Path, ema: bool = True) -> StageSource:
     """Config + tensors of a run folder, export folder, ``trainable.safetensors`` or ``.ckpt`` (no model
-    is built); the stored config's built nodes are checked against the allow-list."""
+    is built); the stored config's built nodes are checked against the allow-list. ``ema``: take the EMA
+    weights where the source has them (``trainable_ema.safetensors``, a checkpoint's EMA state); a named
+    ``trainable.safetensors`` / ``trainable_ema.safetensors`` file is read as named."""
     reason = describe_stage_path(source)
     if reason:
         raise StageLoadError(f"checkpoint {reason}")
@@ -111,6 +122,11 @@ def read_stage_source(source: str | Path) -> StageSource:
         from safetensors.torch import load_file
 
         cfg_file, weights = p / "config.yaml", p / "trainable.safetensors"
+        named = Path(str(source)).expanduser()
+        if named.is_file() and named.name in (weights.name, EMA_FILE):
+            weights = named
+        elif ema and (p / EMA_FILE).is_file():
+            weights = p / EMA_FILE
         try:
             cfg = OmegaConf.load(cfg_file)
         except Exception as exc:  # noqa: BLE001 - unparsable yaml
@@ -123,7 +139,7 @@ def read_stage_source(source: str | Path) -> StageSource:
         except Exception as exc:  # noqa: BLE001 - corrupt / truncated safetensors
             raise StageLoadError(f"cannot read {weights}: {type(exc).__name__}: "
                                  f"{' '.join(str(exc).split())[:200]}") from exc
-        return _check_stored_targets(StageSource(weights, cfg, state))
+        return _check_stored_targets(StageSource(weights, cfg, state, ema=weights.name == EMA_FILE))
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -132,7 +148,11 @@ def read_stage_source(source: str | Path) -> StageSource:
     config = (ckpt.get("sr_lab") or {}).get("config") if isinstance(ckpt, dict) else None
     if not config or "state_dict" not in ckpt:
         raise StageLoadError(f"checkpoint {p} has no sr_lab config/state_dict (not written by sr_lab.train?)")
-    return _check_stored_targets(StageSource(p, OmegaConf.create(config), dict(ckpt["state_dict"])))
+    state = dict(ckpt["state_dict"])
+    averaged = ((ckpt.get("callbacks") or {}).get(EMA_STATE_KEY) or {}).get("ema") if ema else None
+    if averaged:  # the EMA callback's state: the same trainable keys
+        state.update({k: v.to(state[k].dtype) for k, v in averaged.items() if k in state})
+    return _check_stored_targets(StageSource(p, OmegaConf.create(config), state, ema=bool(averaged)))
 
 
 def build_stage(src: StageSource, device: str | torch.device | None = "cpu", dtype: torch.dtype | None = None,
@@ -152,6 +172,11 @@ def build_stage(src: StageSource, device: str | torch.device | None = "cpu", dty
     except UnsafeTarget as exc:
         raise StageLoadError(f"{src.path}: {exc}") from exc
     own = module.state_dict()
+    # tensors of parts a stage builds only to train (AddSR's discriminator heads) are skipped when the
+    # rebuilt module does not hold those parts
+    skip = tuple(getattr(module, "training_only_prefixes", ()))
+    state = {k: v for k, v in src.state.items() if k in own or not k.startswith(skip)} if skip else src.state
+    src = StageSource(src.path, src.config, state)
     unknown = sorted(set(src.state) - set(own))
     if unknown:
         raise StageLoadError(f"{src.path}: {len(unknown)} stored tensors do not exist in "
@@ -181,10 +206,12 @@ def build_stage(src: StageSource, device: str | torch.device | None = "cpu", dty
 
 
 def load_stage(source: str | Path, device: str | torch.device | None = "cpu", dtype: torch.dtype | None = None,
-               *, backbone: nn.Module | None = None, trainable: bool = False) -> tuple[nn.Module, DictConfig]:
+               *, backbone: nn.Module | None = None, trainable: bool = False,
+               ema: bool = True) -> tuple[nn.Module, DictConfig]:
     """(stage module, its stored training config) from a run folder, export folder, safetensors or
-    ``.ckpt``. Raises :class:`StageLoadError` with one line naming the file when it cannot."""
-    src = read_stage_source(source)
+    ``.ckpt`` (its EMA weights where it has them, unless ``ema=False``). Raises :class:`StageLoadError`
+    with one line naming the file when it cannot."""
+    src = read_stage_source(source, ema=ema)
     return build_stage(src, device, dtype, backbone=backbone, trainable=trainable), src.config
 
 
