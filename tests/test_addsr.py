@@ -151,3 +151,17 @@ def test_end_to_end_teacher_addsr_infer_1_and_4_steps_and_eval(teacher, tmp_path
     summary = run_eval(ecfg)
     assert summary["n_runs"] == 3 and summary["metrics"]["psnr"]["available"]
     assert summary["stability"]["l_std"] > 0  # the seeds differ
+
+
+def test_authors_student_option_trains_only_embedding_and_attention(teacher):
+    import hydra
+
+    cfg = compose_train([*ADDSR, f"teacher={teacher}", "student_trainable=authors"])
+    m = hydra.utils.instantiate(cfg.module)
+    trains = [n for n, p in m.adapter.named_parameters() if p.requires_grad]
+    frozen = [n for n, p in m.adapter.named_parameters() if not p.requires_grad]
+    assert trains and frozen
+    assert all(("controlnet_cond_embedding" in n or "conv_in" in n or "attentions" in n) for n in trains)
+    assert any("resnets" in n for n in frozen)
+    # the export still holds the whole student (its frozen part came from the teacher)
+    assert {f"adapter.{n}" for n in trains + frozen} <= m.trainable_state_keys()
