@@ -12,7 +12,8 @@ inference) with three parts:
 * **Student** — the same architecture (this module's ``adapter``, composed from the same YAML as the
   teacher's), initialised from the teacher's trained weights in ``setup("fit")``; which parts train is the
   ``trainable`` list of name patterns (default: every control-branch weight; the authors' code trains only
-  the ControlNet's input embedding and attention layers, preset option ``student_trainable=authors``).
+  the ControlNet's input embedding and attention layers: ``student_trainable=authors`` in
+  ``experiments/addsr.yaml``).
 * **Discriminator** — a frozen feature network with small trainable heads conditioned on c_img of the LR
   (:class:`sr_lab.models.discriminators.ProjectedDiscriminator`), built in ``setup("fit")``.
 
@@ -42,14 +43,14 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sr_lab.diffusion.schedule import q_sample, randn_like, x0_from_eps
-from sr_lab.losses.distillation import ExponentialWeight, distillation_loss, student_step_index
+from sr_lab.losses.distillation import ExponentialWeight, distillation_loss
 from sr_lab.models.prompts import as_prompt_source
 from sr_lab.models.stage_inputs import repeat_rows
 from sr_lab.modules.diffusion_finetune import DiffusionAdapterFinetune
@@ -57,10 +58,7 @@ from sr_lab.utils.seeding import make_generator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdversarialDistillation", "AUTHORS_TRAINABLE"]
-
-#: the authors' student: only the ControlNet's input/conditioning embedding and its attention layers train
-AUTHORS_TRAINABLE = ("*controlnet_cond_embedding*", "*conv_in*", "*attentions*")
+__all__ = ["AdversarialDistillation"]
 
 
 class AdversarialDistillation(DiffusionAdapterFinetune):

@@ -57,19 +57,21 @@ def sampler_timesteps(sampler: Any, num_timesteps: int) -> list[int]:
 
 
 def sampler_executed_steps(sampler: Any, num_timesteps: int) -> int:
-    """The paper's step count: the sampler's declared ``executed_steps`` or else its model calls."""
+    """The paper's step count: the sampler's declared ``executed_steps`` (called with the same knobs as
+    its ``timesteps``) or else its number of model calls."""
     fn, knobs = timesteps_function(sampler)
-    target = sampler.func if isinstance(sampler, functools.partial) else sampler
-    if isinstance(sampler, dict) or hasattr(sampler, "keys"):
-        from hydra.utils import get_method
-
-        target = get_method(str(dict(sampler)["_target_"]))
-    counter = getattr(target, "executed_steps", None)
+    sample = get_sample_function(sampler)
+    counter = getattr(sample, "executed_steps", None)
     if counter is None:
         return len(sampler_timesteps(sampler, num_timesteps))
-    params = inspect.signature(counter).parameters
-    has_var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    accepted = {k: v for k, v in knobs.items() if v is not None and (has_var_kw or k in params)}
-    tparams = inspect.signature(fn).parameters
-    accepted = {k: v for k, v in accepted.items() if k in tparams}
-    return int(counter(int(num_timesteps), **accepted))
+    params = inspect.signature(fn).parameters
+    return int(counter(int(num_timesteps), **{k: v for k, v in knobs.items() if k in params and v is not None}))
+
+
+def get_sample_function(sampler: Any) -> Callable:
+    """The sampler function behind a partial, a config dict or the function itself."""
+    if isinstance(sampler, dict) or hasattr(sampler, "keys") and "_target_" in sampler:
+        from hydra.utils import get_method
+
+        return get_method(str(dict(sampler)["_target_"]))
+    return sampler.func if isinstance(sampler, functools.partial) else sampler
