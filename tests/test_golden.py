@@ -58,6 +58,10 @@ KNOWN_DIFFERENCES: dict[str, str] = {}
 
 RTOL, ATOL = 1e-5, 1e-6     # floating tensors
 IMAGE_MAX_DIFF = 1          # uint8 levels (1/255)
+# On another CPU kind or torch build the same run may differ in the last bits, and two Adam steps turn a
+# near-zero gradient's rounding into up to ~2 lr = 2e-4 of weight; sampling then moves pixels a little.
+# There the comparison still catches a changed computation, at these bounds (stated in the summary).
+PORTABLE_RTOL, PORTABLE_ATOL, PORTABLE_IMAGE_MAX_DIFF = 1e-3, 5e-4, 4
 
 
 def _load_recipe():
@@ -295,11 +299,20 @@ def new_items(got: dict[str, dict]) -> dict[str, object]:
 
 # -- the test ----------------------------------------------------------------------------------------------
 @pytest.mark.timeout(1800)
-def test_golden_outputs_match_the_recorded_commit(tmp_path):
+def test_golden_outputs_match_the_recorded_commit(tmp_path, monkeypatch):
     if not (GOLDEN / "manifest.json").is_file():
         pytest.fail(f"no goldens in {GOLDEN}: record them with tests/golden/record.py --repo <checkout> --out {GOLDEN}")
     recipe = _load_recipe()
     manifest, golden = load_golden()
+
+    here = (recipe.cpu_model(), torch.__version__)
+    there = (manifest.get("cpu"), manifest["torch_version"])
+    portable = here != there
+    if portable:  # not the recording environment: bit-level equality is not expected
+        module = sys.modules[__name__]
+        monkeypatch.setattr(module, "RTOL", PORTABLE_RTOL)
+        monkeypatch.setattr(module, "ATOL", PORTABLE_ATOL)
+        monkeypatch.setattr(module, "IMAGE_MAX_DIFF", PORTABLE_IMAGE_MAX_DIFF)
     res = recipe.run_recipe(tmp_path / "run", sys.executable, recipe.checkout_env(ROOT), keep_going=True)
 
     # the inputs come from scikit-image's photos: another photo set makes every comparison meaningless
@@ -311,8 +324,9 @@ def test_golden_outputs_match_the_recorded_commit(tmp_path):
     broken = {f["name"] for f in res["failed"]} | set(res["not_run"])
     report = compare_all(golden, new_items(recipe.collect(res)), recipe, broken_steps=broken)
     env_note = ""
-    if res["versions"]["torch"] != manifest["torch_version"]:
-        env_note = f" (note: torch {res['versions']['torch']} here, goldens recorded with {manifest['torch_version']})"
+    if portable:
+        env_note = (f" (recorded on {there[0]} with torch {there[1]}, running on {here[0]} with torch {here[1]}: "
+                    f"portable tolerances rtol {RTOL}, atol {ATOL}, images {IMAGE_MAX_DIFF} levels)")
     summary = (f"{report['exact']} exact, {report['tolerance']} within tolerance, {len(report['differ'])} differ, "
                f"{len(report['known'])} known differences, {report['not_produced']} not produced (failed steps); "
                f"goldens from {manifest['commit'][:10]}{env_note}; recipe {res['wall_s']:.0f} s")

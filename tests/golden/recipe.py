@@ -134,6 +134,20 @@ def checkout_env(repo: str | Path, base: dict[str, str] | None = None) -> dict[s
     return env
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or ``platform.processor()``: float results of a training
+    run may differ in the last bits between CPU kinds (vector widths, reduction orders)."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 _PROBE = ("import json, platform, sys, numpy, torch, PIL, skimage, sr_lab; "
           "print(json.dumps({'sr_lab': sr_lab.__file__, 'torch': torch.__version__, "
           "'numpy': numpy.__version__, 'pillow': PIL.__version__, 'skimage': skimage.__version__, "

@@ -87,6 +87,7 @@ def record(repo: Path, out: Path, python: str, work: Path) -> dict:
         "commit_subject": git(repo, "log", "-1", "--format=%s"),
         "worktree_dirty": bool(dirty),
         "recorded_with": {"repo": str(repo), "interpreter": python, **res["versions"]},
+        "cpu": recipe.cpu_model(),
         "torch_version": res["versions"]["torch"],
         "recipe": {"wall_s": res["wall_s"], "cpu_s": res["cpu_s"], "workers": recipe.WORKERS,
                    "threads_per_process": recipe.THREADS},
