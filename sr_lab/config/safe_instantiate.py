@@ -124,10 +124,11 @@ def _join(path: str, key: Any) -> str:
 def _children(node: Any):
     """``(key, value, error)`` of a container; ``value`` resolved where possible, else the raw value and
     the resolution error."""
-    if isinstance(node, DictConfig):
+    if isinstance(node, (DictConfig, ListConfig)):
         if node._is_none() or node._is_missing():
             return
-        for k in list(node.keys()):
+        keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
+        for k in keys:
             try:
                 yield k, node[k], None
             except Exception as exc:  # noqa: BLE001 - unresolvable/missing: check the raw value
@@ -136,24 +137,10 @@ def _children(node: Any):
                 except Exception:  # noqa: BLE001
                     raw = None
                 yield k, raw, exc
-    elif isinstance(node, ListConfig):
-        if node._is_none() or node._is_missing():
-            return
-        for i in range(len(node)):
-            try:
-                yield i, node[i], None
-            except Exception as exc:  # noqa: BLE001
-                try:
-                    raw = node._get_node(i)._value()  # type: ignore[union-attr]
-                except Exception:  # noqa: BLE001
-                    raw = None
-                yield i, raw, exc
     elif isinstance(node, dict):
-        for k, v in node.items():
-            yield k, v, None
+        yield from ((k, v, None) for k, v in node.items())
     elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            yield i, v, None
+        yield from ((i, v, None) for i, v in enumerate(node))
 
 
 def check_targets(cfg: Any, where: str = "stored config", *, key: str | None = None) -> None:

@@ -29,7 +29,7 @@ allow-listed sr_lab class or function (:mod:`sr_lab.config.safe_instantiate`); a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -176,7 +176,7 @@ def build_stage(src: StageSource, device: str | torch.device | None = "cpu", dty
     # rebuilt module does not hold those parts
     skip = tuple(getattr(module, "training_only_prefixes", ()))
     state = {k: v for k, v in src.state.items() if k in own or not k.startswith(skip)} if skip else src.state
-    src = StageSource(src.path, src.config, state)
+    src = replace(src, state=state)
     unknown = sorted(set(src.state) - set(own))
     if unknown:
         raise StageLoadError(f"{src.path}: {len(unknown)} stored tensors do not exist in "

@@ -96,7 +96,7 @@ def executed_steps(num_timesteps: int, **knobs) -> int:
     return len(timesteps(num_timesteps, **knobs)) - 1
 
 
-@declares_timesteps(timesteps, executed_steps=lambda T, **knobs: executed_steps(T, **knobs))
+@declares_timesteps(timesteps, executed_steps=executed_steps)
 @torch.no_grad()
 def sample(model: Model, noise: torch.Tensor, cond: dict, alphas_cumprod: torch.Tensor, *,
            generator: torch.Generator | None = None, grid: int = 45, t_max: float = 0.6667,

@@ -29,16 +29,11 @@ def declares_timesteps(fn: Callable[..., list[int]], executed_steps: Callable[..
 
 def timesteps_function(sampler: Any) -> tuple[Callable[..., list[int]], dict]:
     """(the sampler's ``timesteps`` function, the knobs bound to the sampler)."""
-    if isinstance(sampler, dict) or hasattr(sampler, "keys") and "_target_" in sampler:
-        from hydra.utils import get_method
-
-        cfg = dict(sampler)
-        fn = get_method(str(cfg["_target_"]))
-        knobs = {k: v for k, v in cfg.items() if not str(k).startswith("_")}
-    elif isinstance(sampler, functools.partial):
-        fn, knobs = sampler.func, dict(sampler.keywords)
+    fn = get_sample_function(sampler)
+    if _is_config(sampler):
+        knobs = {k: v for k, v in dict(sampler).items() if not str(k).startswith("_")}
     else:
-        fn, knobs = sampler, {}
+        knobs = dict(sampler.keywords) if isinstance(sampler, functools.partial) else {}
     ts = getattr(fn, "timesteps", None)
     if ts is None:
         raise TypeError(f"sampler {getattr(fn, '__module__', '')}.{getattr(fn, '__name__', fn)} does not declare "
@@ -60,8 +55,7 @@ def sampler_executed_steps(sampler: Any, num_timesteps: int) -> int:
     """The paper's step count: the sampler's declared ``executed_steps`` (called with the same knobs as
     its ``timesteps``) or else its number of model calls."""
     fn, knobs = timesteps_function(sampler)
-    sample = get_sample_function(sampler)
-    counter = getattr(sample, "executed_steps", None)
+    counter = getattr(get_sample_function(sampler), "executed_steps", None)
     if counter is None:
         return len(sampler_timesteps(sampler, num_timesteps))
     params = inspect.signature(fn).parameters
@@ -70,8 +64,13 @@ def sampler_executed_steps(sampler: Any, num_timesteps: int) -> int:
 
 def get_sample_function(sampler: Any) -> Callable:
     """The sampler function behind a partial, a config dict or the function itself."""
-    if isinstance(sampler, dict) or hasattr(sampler, "keys") and "_target_" in sampler:
+    if _is_config(sampler):
         from hydra.utils import get_method
 
         return get_method(str(dict(sampler)["_target_"]))
     return sampler.func if isinstance(sampler, functools.partial) else sampler
+
+
+def _is_config(sampler: Any) -> bool:
+    """A config mapping (dict / DictConfig) naming the sampler by ``_target_``."""
+    return isinstance(sampler, dict) or (hasattr(sampler, "keys") and "_target_" in sampler)
