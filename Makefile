@@ -9,7 +9,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train infer eval testset collect test test-slow bench-degradation bench-inference bench-latents lint clean
+.PHONY: help install train infer eval testset collect test test-slow bench-degradation bench-inference bench-latents bench-params lint clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ bench-inference: $(STAMP) ## print s/image, peak memory and seed batching speed 
 
 bench-latents: $(STAMP) ## print StableSR latent-record generation records/s on this machine's device
 	$(BIN)/python benchmarks/latents.py $(ARGS)
+
+bench-params: $(STAMP) ## print an adapter's parameters per branch at SD 2.1-base shape (meta device): make bench-params ARGS="adapter=clearsr"
+	$(BIN)/python benchmarks/adapter_params.py $(ARGS)
 
 clean: ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache

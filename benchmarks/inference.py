@@ -16,11 +16,19 @@ peak resident set size, model weights included).
 
 Usage: python benchmarks/inference.py [--checkpoint PATH] [--sampler ccsr_truncated|ddpm_spaced|ddim]
        [--steps N] [--size 128] [--upscale 4] [--seeds 10] [--iters 2] [--device cuda|cpu] [--precision 32|bf16]
+       [--compare [--clearsr-checkpoint PATH]]
 
 ``--compare`` prints one row per method's sampler schedule on the same stage, device and run (StableSR
 DDPM-200 and DDIM-20, CCSR-15, AddSR-1 and AddSR-4 with its PSR hook): listed timesteps = model calls per
 image, s/image, peak memory. On the tiny default stage the rows compare the samplers' cost on one
-ControlNet stage (the methods' own branches differ at the real shape).
+ControlNet stage (the methods' own branches differ at the real shape). The last row, ClearSR-50, runs
+ClearSR's own stage (its branches cost per call: LoRA'd LR encoder, DPM + GSPM, UNet-decoder LoRA, CLIP
+image prompt) with the ``clearsr`` sampler (50 spaced DDPM steps + the LSA hook, alpha = beta = 0.01) from
+the LR latent: ``--clearsr-checkpoint <clearsr run>/export`` loaded on the benchmark stage's backbone, the
+benchmark stage itself when ``--checkpoint`` is a ClearSR stage, else the untrained ClearSR adapter
+(conf/adapter/clearsr.yaml, experiment=clearsr) built on the benchmark stage's backbone module. The
+previous stage is released first; on CPU the peak RSS is the process's running maximum, so a row's
+figure includes the rows before it.
 """
 from __future__ import annotations
 
@@ -62,15 +70,40 @@ def load_bench_stage(checkpoint: str | None, device: torch.device):
     return stage, cfg, "ccsr_stage1(tiny, untrained)"
 
 
-def build_default_stage(device: torch.device):
-    """CCSR stage 1 on the tiny backbone from the training config (random ControlNet)."""
-    import hydra
+def compose_train(experiment: str):
+    """The training config of ``experiment=<experiment>`` (conf/train.yaml), as ``sr-train`` composes it."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf"), job_name="bench"):
-        cfg = compose(config_name="train", overrides=["experiment=ccsr_stage1", "paths.output_dir=/tmp"])
+        return compose(config_name="train", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp"])
+
+
+def build_default_stage(device: torch.device):
+    """CCSR stage 1 on the tiny backbone from the training config (random ControlNet)."""
+    import hydra
+
+    cfg = compose_train("ccsr_stage1")
     stage = hydra.utils.instantiate(cfg.module).eval().requires_grad_(False).to(device)
     return stage, cfg
+
+
+def clearsr_bench_stage(checkpoint: str | None, stage, cfg, name: str, device: torch.device):
+    """(stage, display name, sampler config) of the ClearSR-50 row (module docstring); the sampler is
+    conf/sampler/clearsr.yaml as ``experiment=clearsr`` composes it (50 steps, LSA hook)."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from sr_lab.inference import load_stage
+
+    ccfg = compose_train("clearsr")
+    scfg = OmegaConf.to_container(ccfg.sampler, resolve=True)
+    if checkpoint:
+        cstage, c = load_stage(checkpoint, device, backbone=stage.backbone)
+        return cstage, str(c.get("task_name", Path(checkpoint).name)), scfg
+    if cfg.get("task_name") == "clearsr":
+        return stage, name, scfg
+    cstage = hydra.utils.instantiate(ccfg.module, backbone=stage.backbone).eval().requires_grad_(False).to(device)
+    return cstage, f"clearsr({getattr(stage.backbone, 'name', '?')}, untrained)", scfg
 
 
 def main() -> None:
@@ -86,6 +119,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="32", choices=["32", "bf16"])
     ap.add_argument("--compare", action="store_true", help="one row per method's sampler on the same stage")
+    ap.add_argument("--clearsr-checkpoint", default=None,
+                    help="--compare: ClearSR export for the ClearSR-50 row (default: the untrained adapter)")
     args = ap.parse_args()
     if args.compare:
         return compare(args)
@@ -161,39 +196,55 @@ def main() -> None:
 
 COMPARE = [("StableSR DDPM-200", "ddpm_spaced", {"steps": 200}), ("StableSR DDIM-20", "ddim", {"steps": 20}),
            ("CCSR-15", "ccsr_truncated", {"grid": 45}), ("AddSR-1", "addsr", {"first": 1}), ("AddSR-4", "addsr", {})]
+# ClearSR (paper 003 Sec. 4.1): its own stage and the `clearsr` sampler (50 spaced DDPM steps + LSA), from the LR latent
+CLEARSR_ROW = ("ClearSR-50", "clearsr")
 
 
 def compare(args) -> None:
-    """One row per method schedule, same stage / device / process (a side-by-side comparison)."""
+    """One row per method schedule, same stage / device / process (a side-by-side comparison), then ClearSR-50."""
+    import gc
+
     import hydra
     from omegaconf import OmegaConf
-
-    from sr_lab.diffusion.samplers import sampler_timesteps
-    from sr_lab.inference import SRPipeline
 
     device = torch.device(args.device)
     stage, cfg, name = load_bench_stage(args.checkpoint, device)
     lr = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    out_side = args.size * args.upscale
     for label, option, knobs in COMPARE:
         scfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sampler" / f"{option}.yaml"))
         scfg.update(knobs)
-        sampler = hydra.utils.instantiate(scfg)
-        calls = len(sampler_timesteps(sampler, stage.backbone.num_timesteps))
-        pipe = SRPipeline(stage, sampler, upscale=args.upscale, precision=args.precision, start="lr")
-        pipe(lr, [0])  # warm-up
+        compare_row(args, device, stage, name, label, option, hydra.utils.instantiate(scfg), lr)
+
+    label, option = CLEARSR_ROW
+    cstage, cname, scfg = clearsr_bench_stage(args.clearsr_checkpoint, stage, cfg, name, device)
+    if cstage is not stage:  # keep only the backbone (shared) and the ClearSR stage resident
+        del stage
+        gc.collect()
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sync(device)
-        t0 = time.perf_counter()
-        for i in range(args.iters):
-            pipe(lr, [i])
-        sync(device)
-        per_image = (time.perf_counter() - t0) / args.iters
-        mem, mem_kind = peak_memory_mib(device)
-        print(f"compare {label:17s} {name} {args.size}->{out_side} sampler={option} {calls:3d} model calls "
-              f"precision={args.precision} device={device.type} ({device_name(device)}): {per_image:.3f} s/image, "
-              f"peak memory {mem:.0f} MiB ({mem_kind})")
+            torch.cuda.empty_cache()
+    compare_row(args, device, cstage, cname, label, option, hydra.utils.instantiate(scfg), lr)
+
+
+def compare_row(args, device: torch.device, stage, name: str, label: str, option: str, sampler, lr) -> None:
+    """Time one sampler on one stage (one warm-up, ``args.iters`` timed runs from the LR latent) and print its row."""
+    from sr_lab.diffusion.samplers import sampler_timesteps
+    from sr_lab.inference import SRPipeline
+
+    calls = len(sampler_timesteps(sampler, stage.backbone.num_timesteps))
+    pipe = SRPipeline(stage, sampler, upscale=args.upscale, precision=args.precision, start="lr")
+    pipe(lr, [0])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(args.iters):
+        pipe(lr, [i])
+    sync(device)
+    per_image = (time.perf_counter() - t0) / args.iters
+    mem, mem_kind = peak_memory_mib(device)
+    print(f"compare {label:17s} {name} {args.size}->{args.size * args.upscale} sampler={option} {calls:3d} model calls "
+          f"precision={args.precision} device={device.type} ({device_name(device)}): {per_image:.3f} s/image, "
+          f"peak memory {mem:.0f} MiB ({mem_kind})")
 
 
 if __name__ == "__main__":

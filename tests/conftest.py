@@ -15,3 +15,11 @@ def tiny_backbone():
     from sr_lab.models.backbone import build_tiny
 
     return build_tiny(seed=0)
+
+
+@pytest.fixture
+def no_weights(tmp_path, monkeypatch):
+    """Empty weight folders: $SR_LAB_WEIGHTS and the torch hub cache."""
+    monkeypatch.setenv("SR_LAB_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "weights"

@@ -24,3 +24,11 @@ def compose_train(overrides: list[str], out_dir: Path | str | None = None) -> Di
 
 def presets() -> list[str]:
     return sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
+
+
+def random_images(b: int, seed: int = 0, size=(24, 40)):
+    """``b`` seeded random RGB images in [0, 1]."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, *size, generator=g)

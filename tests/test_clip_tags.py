@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import compose_train
+from helpers import compose_train, random_images
 from sr_lab.models.tagging import (
     WEIGHT_FILES,
     ClipTags,
@@ -18,22 +18,12 @@ from sr_lab.models.tagging import (
 from sr_lab.utils.weights import MissingWeights
 
 
+
 @pytest.fixture(scope="module")
 def tagger():
     return ClipTags(tiny=True, allow_random_init=True, min_score=0.0, top_k=5)
 
 
-@pytest.fixture
-def no_weights(tmp_path, monkeypatch):
-    """Empty weight folders: $SR_LAB_WEIGHTS and the torch hub cache."""
-    monkeypatch.setenv("SR_LAB_WEIGHTS", str(tmp_path / "weights"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    return tmp_path / "weights"
-
-
-def _images(b: int, seed: int = 0, size=(24, 40)) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(b, 3, *size, generator=g)
 
 
 def _split(row: str) -> list[str]:
@@ -42,7 +32,7 @@ def _split(row: str) -> list[str]:
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_one_tag_string_per_row(tagger, batch):
-    rows = tagger(_images(batch))
+    rows = tagger(random_images(batch))
     assert isinstance(rows, list) and len(rows) == batch
     vocab = set(tagger.vocabulary)
     for row in rows:
@@ -53,14 +43,14 @@ def test_one_tag_string_per_row(tagger, batch):
 
 
 def test_deterministic(tagger):
-    x = _images(3, seed=1)
+    x = random_images(3, seed=1)
     assert tagger(x) == tagger(x)
     assert ClipTags(tiny=True, allow_random_init=True, min_score=0.0)(x) == tagger(x)  # same seed, same model
 
 
 def test_top_k_and_min_score():
     vocab = ["dog", "cat", "tree", "car", "sky", "grass"]
-    x = _images(2, seed=2)
+    x = random_images(2, seed=2)
     two = ClipTags(tiny=True, allow_random_init=True, vocabulary=vocab, top_k=2, min_score=0.0)
     rows = two(x)
     assert all(len(_split(r)) == 2 and set(_split(r)) <= set(vocab) for r in rows)
@@ -86,11 +76,11 @@ def test_matching_image_embedding_is_the_first_tag(monkeypatch):
         return 7.0 * text[wanted[: pixels.shape[0]]]  # any scale: cosine 1 with the wanted tag
 
     monkeypatch.setattr(tags.model, "encode_image", encode_image)
-    rows = tags(_images(3))
+    rows = tags(random_images(3))
     assert [_split(r)[0] for r in rows] == [vocab[j] for j in wanted]
     cos = ClipTags(tiny=True, allow_random_init=True, vocabulary=vocab, score="cosine", min_score=0.999)
     monkeypatch.setattr(cos.model, "encode_image", encode_image)
-    assert cos(_images(3)) == [vocab[j] for j in wanted]
+    assert cos(random_images(3)) == [vocab[j] for j in wanted]
 
 
 def test_image_hr_tags_the_hr(monkeypatch):
@@ -116,8 +106,8 @@ def test_text_features_computed_once(monkeypatch):
     calls = []
     encode_text = t.model.encode_text
     monkeypatch.setattr(t.model, "encode_text", lambda *a, **k: calls.append(1) or encode_text(*a, **k))
-    t(_images(1))
-    t(_images(2))
+    t(random_images(1))
+    t(random_images(2))
     assert len(calls) == 1
 
 
@@ -125,7 +115,7 @@ def test_frozen(tagger):
     assert not any(p.requires_grad for p in tagger.model.parameters())
     assert not tagger.model.training
     tagger.model.train()  # e.g. a caller switching everything to train mode
-    tagger(_images(1))
+    tagger(random_images(1))
     assert not tagger.model.training
     assert not isinstance(tagger, torch.nn.Module)  # never enters a stage's state dict
 
@@ -209,7 +199,7 @@ def test_hydra_prompt_clip_tags_tiny_feeds_the_backbone(tiny_backbone):
     ClipTags.validate_config(cfg, ConfigError)
     source = hydra.utils.instantiate(cfg.module.prompt)
     assert isinstance(source, ClipTags)
-    lr = _images(3, size=(16, 16))
+    lr = random_images(3, size=(16, 16))
     rows = source(lr)
     assert len(rows) == 3 and all(_split(r) for r in rows)
     ctx = tiny_backbone.prompt_embedding(rows, 3)

@@ -116,6 +116,31 @@ def test_ccsr_tmax_tmin_recipe(variant, t_max, t_min, tmp_path):
     assert executed_steps(dict(ic.sampler)) == {"A1": 8, "A2": 8, "A3": 21, "A4": 21, "CCSR": 15}[variant]
 
 
+@pytest.mark.parametrize("variant,alpha,beta", [("alpha0", 0.0, 0.01), ("ClearSR", 0.01, 0.01),
+                                                ("alpha0_03", 0.03, 0.01), ("beta0_05", 0.01, 0.05)])
+def test_clearsr_lsa_recipe(variant, alpha, beta, tmp_path):
+    """ClearSR Fig. 7: one job per (alpha, beta); the whole LSA hook (conf/hook/lsa.yaml) at 50 DDPM steps."""
+    from sr_lab.diffusion.hooks import LSAHook
+    from sr_lab.eval.inference import infer_config
+
+    cfg = _compose(["sweep=clearsr_lsa", f"variant={variant}", f"lr_dir={tmp_path}", "infer.checkpoint=/c"])
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.hydra.sweeper.params.variant == \
+        "alpha0,ClearSR,alpha0_02,alpha0_03,alpha0_05,beta0,beta0_02,beta0_03,beta0_05"
+    with open_dict(cfg):
+        del cfg["hydra"]
+    ic = infer_config(cfg, tmp_path / "infer")
+    h = ic.sampler.hook
+    assert h._target_ == "sr_lab.diffusion.hooks.LSAHook" and (h.alpha, h.beta) == (alpha, beta)
+    assert (h.early_end, h.late_start, h.key) == (0.3, 0.8, "lr_latent")
+    from hydra.utils import instantiate
+
+    hook = instantiate({k: v for k, v in h.items() if v is not None})
+    assert isinstance(hook, LSAHook) and (hook.alpha, hook.beta) == (alpha, beta)
+    assert ic.sampler.steps == 50 and ic.sampler._target_.endswith("ddpm_spaced.sample") and ic.start == "lr"
+    assert list(cfg.collect.metrics) == ["psnr", "ssim", "maniqa", "musiq", "niqe"]
+
+
 def test_slurm_launcher_composes_without_the_plugin_and_ties_tasks_to_gpus():
     cfg = _compose(["hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=4", "sr_dir=/x"])
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")

@@ -342,3 +342,29 @@ def test_addsr_sampler_with_psr_hook_from_config(first, want, trained_run, tmp_p
     assert meta["timesteps"] == want and meta["model_calls_per_image"] == len(want)
     assert meta["sampler"]["hook"]["_target_"] == "sr_lab.diffusion.hooks.PSRHook"
     assert Image.open(out / "seed_1" / "x.png").size == (32, 32)
+
+
+def test_sampler_hook_knobs_merge_onto_the_stage_hook():
+    """`sampler.hook.alpha=0.03` tunes the checkpoint's hook (ClearSR -> ClearSR*) instead of replacing it;
+    a whole hook (`+hook@sampler.hook=psr`) replaces it; the infer config's null placeholders set nothing."""
+    from omegaconf import OmegaConf
+
+    from sr_lab.config.validation import ConfigError
+    from sr_lab.inference.run import effective_sampler_config
+
+    lsa = {"_target_": "sr_lab.diffusion.hooks.LSAHook", "alpha": 0.01, "beta": 0.01, "early_end": 0.3,
+           "late_start": 0.8, "key": "lr_latent"}
+    stage = OmegaConf.create({"sampler": {"_target_": "sr_lab.diffusion.samplers.ddpm_spaced.sample",
+                                          "steps": 50, "hook": lsa}})
+    nulls = {"alpha": None, "beta": None, "early_end": None, "late_start": None, "w": None, "space": None}
+    knobs = OmegaConf.create({"steps": None, "hook": {**nulls, "alpha": 0.03}})
+    got = effective_sampler_config(knobs, stage)
+    assert got["hook"] == {**lsa, "alpha": 0.03} and got["steps"] == 50
+    assert effective_sampler_config(OmegaConf.create({"hook": nulls}), stage)["hook"] == lsa
+    psr = {**nulls, "_target_": "sr_lab.diffusion.hooks.PSRHook", "w": 0.5, "space": "latent"}
+    assert effective_sampler_config(OmegaConf.create({"hook": psr}), stage)["hook"] == \
+        {"_target_": "sr_lab.diffusion.hooks.PSRHook", "w": 0.5, "space": "latent"}
+    no_hook = OmegaConf.create({"sampler": {"_target_": "sr_lab.diffusion.samplers.ddpm_spaced.sample",
+                                            "steps": 50, "hook": None}})
+    with pytest.raises(ConfigError, match="sampler.hook.alpha"):
+        effective_sampler_config(knobs, no_hook)

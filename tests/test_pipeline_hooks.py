@@ -63,7 +63,7 @@ def _by_hand(stage, lr, hook_kind):
                 lat = 0.5 * x0 + 0.5 * lat0
             if hook_kind == "lsa":
                 n = len(TS)
-                if i < math.ceil(n / 3 - 1e-9):
+                if i < math.ceil(n / 3 - 1e-9):  # early_end 1/3, late_start 2/3: all three phases in 4 steps
                     x = 0.9 * x + 0.1 * lat0
                 elif i >= math.ceil(2 * n / 3 - 1e-9):
                     x = 1.2 * x - 0.2 * lat0
@@ -73,7 +73,7 @@ def _by_hand(stage, lr, hook_kind):
 
 @pytest.mark.parametrize("hook_kind", ["psr", "lsa"])
 def test_hook_under_cfg_tiles_and_seeds_equals_the_hand_computation(stage, hook_kind):
-    hook = PSRHook(w=0.5) if hook_kind == "psr" else LSAHook(alpha=0.1, beta=0.2)
+    hook = PSRHook(w=0.5) if hook_kind == "psr" else LSAHook(alpha=0.1, beta=0.2, early_end=1 / 3, late_start=2 / 3)
     sampler = lambda *a, **k: renoise.sample(*a, timesteps=TS, hook=hook, **k)  # noqa: E731
     lr = torch.rand(1, 3, 8, 12, generator=torch.Generator().manual_seed(0))
     pipe = SRPipeline(stage, sampler, cfg_scale=CFG, negative_prompt="blurry", start="noise",

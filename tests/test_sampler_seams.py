@@ -189,12 +189,14 @@ def test_hooks_compose_in_order():
 
 
 def test_lsa_hook_eq3_eq4_at_phase_boundaries():
-    """ClearSR Eq. 3 (early) / Eq. 4 (late) with boundaries at 1/3 and 2/3 of the executed steps."""
+    """ClearSR Eq. 3 (early) / Eq. 4 (late) with boundaries at 30 % and 80 % of the executed steps."""
     h = LSAHook(alpha=0.1, beta=0.2)
     x, lr = torch.tensor([2.0]), torch.tensor([1.0])
     phases = [h.phase(i, 15) for i in range(15)]
-    assert phases == ["early"] * 5 + ["middle"] * 5 + ["late"] * 5
-    assert [h.phase(i, 50) for i in (16, 17, 33, 34)] == ["early", "middle", "middle", "late"]
+    assert phases == ["early"] * 5 + ["middle"] * 7 + ["late"] * 3
+    assert [h.phase(i, 50) for i in (14, 15, 39, 40)] == ["early", "middle", "middle", "late"]
+    thirds = LSAHook(early_end=1 / 3, late_start=2 / 3)
+    assert [thirds.phase(i, 15) for i in range(15)] == ["early"] * 5 + ["middle"] * 5 + ["late"] * 5
     early, _ = h(0, 15, 999, x, x, {"lr_latent": lr})
     late, _ = h(14, 15, 1, x, x, {"lr_latent": lr})
     mid, _ = h(7, 15, 500, x, x, {"lr_latent": lr})

@@ -149,6 +149,12 @@ def validate_config(cfg: DictConfig) -> None:
         check = declared(cfg, key, "validate_config") if _get(cfg, key) is not None else None
         if check is not None:
             check(cfg, ConfigError)
+    branches = _get(cfg, "adapter.branches")
+    for name in (branches.keys() if isinstance(branches, DictConfig) else ()):
+        key = f"adapter.branches.{name}"  # control branches check their own keys (ClearSR's window, ranks, CLIP)
+        check = declared(cfg, key, "validate_config") if _get(cfg, key) is not None else None
+        if check is not None:
+            check(cfg, ConfigError, key)
     dirs = _get(cfg, "data.hr_dirs")
     if not needs_hr_folders(cfg):
         pass  # e.g. latent records (stablesr_cfw): checked by the data module, no HR folder to probe

@@ -9,8 +9,10 @@
 * :class:`LSAHook` — ClearSR's latent space adjustment (paper 003, Sec. 3.3, Eq. 3/4) on the latent
   each step produces: early steps ELA(x) = (1 − α)·x + α·x_lr (pull towards the LR latent: fidelity),
   late steps LLA(x) = (1 + β)·x − β·x_lr (push away from it: detail). The paper chooses the phase
-  boundaries from a NIQE curve and prints no numbers; sr_lab's defaults are the first and the last
-  third of the executed steps (``early_end = late_start`` fractions; keys, so sweeps can move them).
+  boundaries from a NIQE curve and prints no numbers; Sec. 3.3 says the image is mostly determined "at
+  around the 40th step" of 50 and details come in "the last few steps". sr_lab's defaults: early = the
+  first 30 % of the executed steps (15 of 50), late = from 80 % on (steps 40-49) (``early_end`` /
+  ``late_start`` fractions; keys, so sweeps can move them).
 """
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ class PSRHook:
 class LSAHook:
     """ClearSR LSA (Eq. 3 early, Eq. 4 late) on ``x_next`` with ``x_lr = cond[key]``."""
 
-    def __init__(self, alpha: float = 0.01, beta: float = 0.01, early_end: float = 1 / 3,
-                 late_start: float = 2 / 3, key: str = "lr_latent"):
+    def __init__(self, alpha: float = 0.01, beta: float = 0.01, early_end: float = 0.3,
+                 late_start: float = 0.8, key: str = "lr_latent"):
         for name, v in (("early_end", early_end), ("late_start", late_start)):
             if not 0.0 <= float(v) <= 1.0:
                 raise ValueError(f"lsa {name}={v} must be a fraction of the executed steps in [0, 1]")

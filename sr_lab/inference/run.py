@@ -189,16 +189,29 @@ def resolve_device(setting: str) -> torch.device:
 
 def effective_sampler_config(infer_sampler: Any, stage_cfg: DictConfig) -> dict:
     """The sampler to use: a chosen sampler option (has ``_target_``) replaces the checkpoint's; plain
-    knobs (non-null) are merged onto the checkpoint's own sampler config."""
+    knobs (non-null) are merged onto the checkpoint's own sampler config, and a knob node without
+    ``_target_`` (``sampler.hook.alpha=0.03``) onto the checkpoint's node of that name (its hook)."""
     chosen = OmegaConf.to_container(infer_sampler, resolve=True) if infer_sampler is not None else {}
     chosen = {k: v for k, v in (chosen or {}).items() if v is not None}
+    for k, v in list(chosen.items()):  # a knob node (the hook's): its null entries set nothing
+        if isinstance(v, dict):
+            chosen[k] = v = {kk: vv for kk, vv in v.items() if vv is not None}
+            if not v:
+                del chosen[k]
     if "_target_" in chosen:
         return chosen
     own = OmegaConf.select(stage_cfg, "sampler") or OmegaConf.select(stage_cfg, "module.sampler")
     if own is None:
         raise ConfigError("the checkpoint's config has no sampler; choose one with sampler=<option>")
     base = OmegaConf.to_container(own, resolve=True)
-    base.update(chosen)
+    for key, value in chosen.items():
+        if isinstance(value, dict) and "_target_" not in value:  # e.g. sampler.hook.alpha=0.03: tune the stage's hook
+            if not isinstance(base.get(key), dict):
+                raise ConfigError(f"sampler.{key}.{next(iter(value))}: the checkpoint's sampler has no {key} node to "
+                                  f"tune; give a whole one (e.g. +hook@sampler.hook=lsa)")
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
     return base
 
 

@@ -9,12 +9,14 @@ clean between evaluations and can be shared by several stages (a teacher and a s
 backbone). Not thread-safe: two concurrent forwards on one UNet would see each other's hooks.
 
 The condition is the union of the branches' declared keys (:meth:`condition`); two branches declaring
-the same key share one entry (it is built by the first). It also holds ``lr_image``, the upsampled LR
+the same key share one entry (it is built by a branch that :attr:`~ControlBranch.owns_condition`, else by
+the first). It also holds ``lr_image``, the upsampled LR
 in [0, 1] (pixel-space PSR refines from it). Interface for stages: :meth:`condition`,
 :attr:`condition_requires_grad`, :meth:`refine`, ``forward``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -25,9 +27,25 @@ from sr_lab.models.branches.base import LR_IMAGE_KEY, ControlBranch, upsample_to
 __all__ = ["ControlledUNet"]
 
 
-def _build(branch: Any, unet: nn.Module) -> ControlBranch:
-    """A branch module, or a factory completed with the UNet (Hydra ``_partial_: true``)."""
-    b = branch if isinstance(branch, nn.Module) else branch(unet)
+def _accepts(factory: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _build(branch: Any, unet: nn.Module, vae: nn.Module | None) -> ControlBranch:
+    """A branch module, or a factory completed with the UNet (Hydra ``_partial_: true``); a factory that
+    takes a ``vae`` argument (a branch owning a copy of the VAE encoder) also gets the backbone's VAE."""
+    if isinstance(branch, nn.Module):
+        b = branch
+    elif _accepts(branch, "vae"):
+        if vae is None:
+            raise ValueError(f"{getattr(branch, 'func', branch)} needs the backbone's VAE: build the adapter "
+                             f"as adapter(unet, vae=backbone.vae)")
+        b = branch(unet, vae=vae)
+    else:
+        b = branch(unet)
     if not isinstance(b, ControlBranch):
         raise TypeError(f"{type(b).__name__} is not a ControlBranch (sr_lab.models.branches.base)")
     return b
@@ -36,10 +54,10 @@ def _build(branch: Any, unet: nn.Module) -> ControlBranch:
 class ControlledUNet(nn.Module):
     """Runner over named control branches (a mapping name -> branch or factory; a list is named 0, 1, …)."""
 
-    def __init__(self, unet: nn.Module, branches: Mapping[str, Any] | Sequence[Any]):
+    def __init__(self, unet: nn.Module, branches: Mapping[str, Any] | Sequence[Any], vae: nn.Module | None = None):
         super().__init__()
         items = branches.items() if isinstance(branches, Mapping) else enumerate(branches)
-        self.branches = nn.ModuleDict({str(k): _build(b, unet) for k, b in items if b is not None})
+        self.branches = nn.ModuleDict({str(k): _build(b, unet, vae) for k, b in items if b is not None})
         if not len(self.branches):
             raise ValueError("adapter.branches is empty: a ControlledUNet needs at least one control branch")
 
@@ -55,10 +73,16 @@ class ControlledUNet(nn.Module):
     def condition_requires_grad(self) -> bool:
         return any(b.condition_requires_grad for b in self.branches.values())
 
+    def _condition_order(self) -> list[ControlBranch]:
+        """Branches that own their condition's encoder first (ClearSR's LoRA'd LR encoder makes the
+        ``lr_latent`` that DPM and GSPM read; without it, the first of them encodes with the frozen VAE)."""
+        bs = list(self.branches.values())
+        return [b for b in bs if b.owns_condition] + [b for b in bs if not b.owns_condition]
+
     def condition(self, backbone, lr01: torch.Tensor, hr_size: tuple[int, int]) -> dict:
         """The branches' conditions for LR images in [0, 1] (plus ``lr_image``)."""
         cond: dict = {}
-        for b in self.branches.values():
+        for b in self._condition_order():
             if all(k in cond for k in b.condition_keys):
                 continue
             cond.update(b.condition(backbone, lr01, hr_size))
@@ -68,12 +92,16 @@ class ControlledUNet(nn.Module):
     def refine(self, backbone, cond: dict, x0_hat: torch.Tensor, w: float, space: str = "latent") -> dict:
         """Every branch's condition rebuilt from x̂0 (AddSR PSR, paper 002 Eq. 2; see ControlBranch.refine)."""
         done: set[str] = set()
-        for b in self.branches.values():
+        for b in self._condition_order():
             if all(k in done for k in b.condition_keys):
                 continue
             cond = b.refine(backbone, cond, x0_hat, w, space)
             done.update(b.condition_keys)
         return cond
+
+    def learned_state_keys(self) -> set[str]:
+        """The branches' learned tensors, named as in this runner's state dict (``branches.<name>.*``)."""
+        return {f"branches.{name}.{k}" for name, b in self.branches.items() for k in b.learned_state_keys()}
 
     # -- one evaluation ----------------------------------------------------------------------------
     def forward(self, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,

@@ -45,7 +45,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sr_lab.utils.weights import MissingWeights, search_dirs
+from sr_lab.models.open_clip_models import (  # noqa: F401 - re-exported: tagging's former public names
+    OPENAI_MEAN,
+    OPENAI_STD,
+    TINY_CLIP,
+    WEIGHT_FILES,
+    build_open_clip,
+    check_open_clip_weights,
+    check_smoke_flags,
+    clip_preprocess,
+    known_model,
+    load_open_clip_state,
+    node_get,
+    preprocess_cfg,
+    resolve_open_clip_weights,
+    seeded,
+    url_hint,
+)
+from sr_lab.utils.weights import MissingWeights
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +76,16 @@ __all__ = [
     "resolve_clip_weights",
 ]
 
-#: Weight file names searched (in this order) in ``<dir>/<model>/`` and then ``<dir>/``.
-WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 VOCABULARY_FILE = "tag_vocabulary.txt"
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SCORES = ("softmax", "cosine")
 IMAGES = ("lr", "hr")
+#: How the tagger names itself in messages (open_clip_models builds the model for it).
+_WHAT, _KEY, _OPTION = "CLIP tagger", "prompt", "prompt=clip_tags"
 
-#: The ``tiny=true`` model: ~1.7M parameters (mostly the 49408-token embedding the tokenizer needs).
-TINY_CLIP: dict[str, Any] = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+# former private helpers, now in open_clip_models, kept importable under their old names
+_node_get = node_get
+_url_hint = url_hint
+_seeded = seeded
 
 
 # --------------------------------------------------------------------------------------------- vocabulary
@@ -121,35 +134,7 @@ def load_vocabulary(vocabulary: None | str | os.PathLike | Sequence[str]) -> lis
 # ------------------------------------------------------------------------------------------------ weights
 
 def _known_model(model: str) -> None:
-    import open_clip
-
-    if model not in open_clip.list_models():
-        raise ValueError(f"prompt.model={model!r} is not a built-in open_clip architecture (e.g. ViT-B-16, "
-                         "ViT-B-16-quickgelu, ViT-L-14); hub and local-dir names are not used (nothing is "
-                         "downloaded): set prompt.weights to the local weight file")
-
-
-def _url_hint(model: str) -> str:
-    """A Hugging Face repository publishing open_clip weights of ``model`` (same QuickGELU setting)."""
-    try:
-        import open_clip
-        from open_clip import pretrained as oc_pretrained
-
-        quick = bool((open_clip.get_model_config(model) or {}).get("quick_gelu", False))
-        base = model.removesuffix("-quickgelu")
-        tags = oc_pretrained.list_pretrained_tags_by_model(base)
-        tags = sorted(tags, key=lambda t: not t.startswith("laion2b"))  # prefer LAION-2B for GELU models
-        for tag in tags:
-            pcfg = oc_pretrained.get_pretrained_cfg(base, tag)
-            if pcfg.get("hf_hub") and bool(pcfg.get("quick_gelu", False)) == quick:
-                return f"https://huggingface.co/{pcfg['hf_hub'].rstrip('/')} ({WEIGHT_FILES[0]})"
-    except Exception:  # noqa: BLE001 - a hint only
-        pass
-    return ""
-
-
-def _candidates(model: str) -> list[str]:
-    return [f"{model}/{f}" for f in WEIGHT_FILES] + list(WEIGHT_FILES)
+    known_model(model, _KEY)
 
 
 def resolve_clip_weights(model: str = "ViT-B-16", weights: str | os.PathLike | None = None) -> Path:
@@ -158,35 +143,7 @@ def resolve_clip_weights(model: str = "ViT-B-16", weights: str | os.PathLike | N
     ``weights`` a file: that file; a folder: ``<folder>/<model>/`` then ``<folder>/`` for
     :data:`WEIGHT_FILES` (safetensors first); ``None``: the same in ``$SR_LAB_WEIGHTS`` and the torch hub
     cache."""
-    purpose = (f"CLIP tagger prompt=clip_tags, model {model}; {WEIGHT_FILES[1]} is accepted too, "
-               "or set prompt.weights=<file>")
-    if weights is not None and str(weights) != "":
-        path = Path(weights).expanduser()
-        if path.is_file():
-            return path
-        if not path.is_dir():
-            looks_like_file = path.suffix in (".safetensors", ".bin", ".pt", ".pth")
-            if looks_like_file:
-                raise MissingWeights(path.name, path.parent, purpose, _url_hint(model))
-            raise MissingWeights(f"{model}/{WEIGHT_FILES[0]}", path, purpose, _url_hint(model))
-        dirs = [path]
-    else:
-        dirs = search_dirs(None)
-    for d in dirs:
-        for name in _candidates(model):
-            if (d / name).is_file():
-                return d / name
-    raise MissingWeights(f"{model}/{WEIGHT_FILES[0]}", dirs[0], purpose, _url_hint(model))
-
-
-def _node_get(node: Any, key: str, default: Any = None) -> Any:
-    if node is None:
-        return default
-    try:
-        value = node.get(key, default)
-    except Exception:  # noqa: BLE001 - an object node
-        value = getattr(node, key, default)
-    return default if value is None and default is not None else value
+    return resolve_open_clip_weights(model, weights, what=_WHAT, key=_KEY, option=_OPTION)
 
 
 def check_clip_tag_weights(cfg_node: Any) -> None:
@@ -194,32 +151,10 @@ def check_clip_tag_weights(cfg_node: Any) -> None:
     ``allow_random_init``) before any model is built: :class:`MissingWeights` when the weight file is not
     available locally and ``allow_random_init`` is not set; ``ValueError`` on an unknown ``model`` or a
     ``tiny`` model without weights nor ``allow_random_init``."""
-    model = str(_node_get(cfg_node, "model", "ViT-B-16"))
-    weights = _node_get(cfg_node, "weights", None)
-    tiny = bool(_node_get(cfg_node, "tiny", False))
-    allow = bool(_node_get(cfg_node, "allow_random_init", False))
-    if tiny:
-        if weights in (None, "") and not allow:
-            raise ValueError("prompt.tiny=true has no published weights: set prompt.allow_random_init=true "
-                             "(tests / smoke runs on backbone=tiny) or prompt.weights=<file>")
-        if weights not in (None, ""):
-            path = Path(str(weights)).expanduser()
-            if not path.is_file():
-                raise MissingWeights(path.name, path.parent, "tiny CLIP tagger, prompt.weights")
-        return
-    _known_model(model)
-    try:
-        resolve_clip_weights(model, weights)
-    except MissingWeights:
-        if not allow:
-            raise
+    check_open_clip_weights(cfg_node, key=_KEY, what=_WHAT, option=_OPTION, default_model="ViT-B-16")
 
 
 # ------------------------------------------------------------------------------------------------- tagger
-
-def _no_pretrained_warning(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("No pretrained weights loaded")
-
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model: str | None):
@@ -230,12 +165,6 @@ def _tokenizer(model: str | None):
     if model is None:
         return open_clip.tokenizer.SimpleTokenizer(context_length=TINY_CLIP["text_cfg"]["context_length"])
     return open_clip.get_tokenizer(model)
-
-
-def _seeded(seed: int, build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        return build()
 
 
 class ClipTags:
@@ -283,46 +212,13 @@ class ClipTags:
         self.device = None if device is None else torch.device(device)
         self.weights_path: Path | None = None
 
-        import open_clip
-
-        weights = None if weights in (None, "") else weights
-        if tiny:
-            from open_clip.model import CLIP
-
-            if weights is None and not allow_random_init:
-                check_clip_tag_weights({"tiny": True, "weights": None, "allow_random_init": False})
-            if weights is not None:
-                self.weights_path = Path(str(weights)).expanduser()
-                if not self.weights_path.is_file():
-                    raise MissingWeights(self.weights_path.name, self.weights_path.parent,
-                                         "tiny CLIP tagger, prompt.weights")
-            net = _seeded(seed, lambda: CLIP(**TINY_CLIP))
-            tokenizer = _tokenizer(None)
-        else:
-            _known_model(self.model_name)
-            try:
-                self.weights_path = resolve_clip_weights(self.model_name, weights)
-            except MissingWeights:
-                if not allow_random_init:
-                    raise
-                log.warning("ClipTags: no weights for %s, using a RANDOM CLIP (prompt.allow_random_init=true; "
-                            "smoke runs on the tiny backbone only: the tags mean nothing)", self.model_name)
-            root = logging.getLogger()  # open_clip warns on the root logger that it loaded no weights
-            root.addFilter(_no_pretrained_warning)
-            try:
-                net = _seeded(seed, lambda: open_clip.create_model(self.model_name, pretrained=None))
-            finally:
-                root.removeFilter(_no_pretrained_warning)
-            tokenizer = _tokenizer(self.model_name)
-        if self.weights_path is not None:
-            self._load(net, self.weights_path)
+        net, self.weights_path = build_open_clip(
+            self.model_name, weights, tiny=tiny, allow_random_init=allow_random_init, seed=seed,
+            what=_WHAT, key=_KEY, option=_OPTION, owner="ClipTags", random_note=": the tags mean nothing",
+            logger=log)
+        tokenizer = _tokenizer(None if tiny else self.model_name)
         self.random_weights = self.weights_path is None
-
-        cfg = dict(getattr(net.visual, "preprocess_cfg", None) or {})
-        size = cfg.get("size", getattr(net.visual, "image_size", 224))
-        self.image_size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
-        self.mean = tuple(float(m) for m in cfg.get("mean", OPENAI_MEAN))
-        self.std = tuple(float(s) for s in cfg.get("std", OPENAI_STD))
+        self.image_size, self.mean, self.std = preprocess_cfg(net)
         net.requires_grad_(False)
         net.eval()
         self.model = net.to(self.device) if self.device is not None else net
@@ -331,14 +227,7 @@ class ClipTags:
 
     # -- construction helpers
     def _load(self, net: torch.nn.Module, path: Path) -> None:
-        from open_clip.factory import load_checkpoint
-
-        try:
-            load_checkpoint(net, str(path), strict=True, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - one line naming the file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"prompt.weights: {path} is not an open_clip state dict of {self.model_name} "
-                             f"({type(exc).__name__}: {first[:300]})") from None
+        load_open_clip_state(net, path, self.model_name, _KEY)
 
     # -- state
     def _model_device(self) -> torch.device:
@@ -369,18 +258,7 @@ class ClipTags:
     def preprocess(self, img01: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (B, 3, H, W) -> the model's input: the short side resized (bicubic,
         antialiased) to the input size, centre crop, CLIP mean/std."""
-        x = img01.float()
-        h, w = x.shape[-2:]
-        th, tw = self.image_size
-        scale = max(th / h, tw / w)
-        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-        top, left = (nh - th) // 2, (nw - tw) // 2
-        x = x[..., top:top + th, left:left + tw].clamp(0.0, 1.0)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return clip_preprocess(img01, self.image_size, self.mean, self.std)
 
     @torch.no_grad()
     def scores(self, img01: torch.Tensor) -> torch.Tensor:
@@ -428,12 +306,7 @@ class ClipTags:
 
         node = OmegaConf.select(cfg, key, default=None)
         random_backbone = bool(declared(cfg, "backbone", "random_weights", False))
-        tiny = bool(_node_get(node, "tiny", False))
-        allow = bool(_node_get(node, "allow_random_init", False))
-        if (tiny or allow) and not random_backbone:
-            flag = "tiny" if tiny else "allow_random_init"
-            raise error(f"{key}.{flag}=true is only for smoke runs on backbone=tiny; put the CLIP weights "
-                        f"({WEIGHT_FILES[0]}) in $SR_LAB_WEIGHTS/<model>/ or set {key}.weights")
+        check_smoke_flags(node, error, key, random_backbone)
         try:
             check_clip_tag_weights(node)
         except (MissingWeights, ValueError) as exc:

@@ -104,8 +104,14 @@ class AdversarialDistillation(DiffusionAdapterFinetune):
         self._select_trainable()
 
     # -- which student weights train ----------------------------------------------------------------
+    def _learned(self) -> set[str]:
+        """The student's learned tensors (frozen copies a branch rebuilds, e.g. a CLIP tower, excluded)."""
+        learned = getattr(self.adapter, "learned_state_keys", None)
+        return set(learned()) if learned is not None else set(self.adapter.state_dict())
+
     def _select_trainable(self) -> None:
-        names = [n for n, _ in self.adapter.named_parameters()]
+        learned = self._learned()
+        names = [n for n, _ in self.adapter.named_parameters() if n in learned]
         chosen = {n for n in names if any(fnmatch.fnmatch(n, p) for p in self.trainable_patterns)}
         if not chosen:
             raise ValueError(f"trainable={self.trainable_patterns} matches no student weight (e.g. {names[:3]})")
@@ -113,10 +119,10 @@ class AdversarialDistillation(DiffusionAdapterFinetune):
             p.requires_grad_(n in chosen)
 
     def trainable_state_keys(self) -> set[str]:
-        """The whole student (its frozen part came from the teacher and is needed at inference) plus the
-        trainable discriminator heads and their buffers."""
+        """The whole learned student (its frozen part came from the teacher and is needed at inference) plus
+        the trainable discriminator heads and their buffers."""
         keys = super().trainable_state_keys()
-        keys |= {f"adapter.{n}" for n, _ in self.adapter.named_parameters()}
+        keys |= {f"adapter.{n}" for n, _ in self.adapter.named_parameters() if n in self._learned()}
         return {k for k in keys if not k.startswith("teacher.")}
 
     def student_parameters(self) -> list[nn.Parameter]:

@@ -80,7 +80,7 @@ class DiffusionAdapterFinetune(ManualOptimization, TrainableOnlyCheckpoint, pl.L
                                       weight_decay=weight_decay)
         self.strict_loading = False  # checkpoints hold only the trainable tensors
         self.backbone = backbone
-        self.adapter = adapter(backbone.unet) if not isinstance(adapter, nn.Module) else adapter
+        self.adapter = adapter(backbone.unet, vae=backbone.vae) if not isinstance(adapter, nn.Module) else adapter
         self.loss = loss
         self.sampler = sampler
         self.optimizer_mode = optimizer_mode

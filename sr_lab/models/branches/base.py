@@ -48,6 +48,10 @@ class ControlBranch(nn.Module):
     stored under ``cond_key`` (default ``"lr_latent"``). Subclasses override :meth:`residuals` and/or
     :meth:`attach`; a branch with its own encoder overrides :meth:`encode_condition`."""
 
+    #: True for a branch whose encoder makes the condition entry other branches read (ClearSR's LoRA'd
+    #: LR encoder): the runner builds (and refines) its keys before any other branch's.
+    owns_condition: bool = False
+
     def __init__(self, cond_key: str = "lr_latent"):
         super().__init__()
         self.cond_key = str(cond_key)
@@ -72,6 +76,13 @@ class ControlBranch(nn.Module):
         grad = torch.enable_grad() if self.condition_requires_grad and torch.is_grad_enabled() else torch.no_grad()
         with grad:
             return {self.cond_key: self.encode_condition(backbone, upsample_to(lr01, hr_size))}
+
+    def learned_state_keys(self) -> set[str]:
+        """Names (in this branch's state dict) of the tensors that are the branch's learned state: what a
+        stage stores and what a student initialised from this branch may train. Default: all of them;
+        a branch holding frozen copies rebuilt at construction (a LoRA'd copy of the VAE encoder's base
+        weights, a pretrained CLIP tower) returns only its own weights."""
+        return set(self.state_dict().keys())
 
     # -- the UNet evaluation -----------------------------------------------------------------------
     def residuals(self, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,

@@ -21,15 +21,18 @@ class ControlNetBranch(ControlBranch):
     def __init__(self, unet: nn.Module, latent_channels: int = 4, embedding_channels: int = 64,
                  conditioning_scale: float = 1.0, seed: int = 0, cond_key: str = "lr_latent"):
         super().__init__(cond_key)
-        from diffusers import ControlNetModel
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.controlnet = ControlNetModel.from_unet(
-                unet, conditioning_embedding_out_channels=(int(embedding_channels),),
-                conditioning_channels=int(latent_channels))
-        self.controlnet.requires_grad_(True)  # from_unet builds float32 weights
+            self.controlnet = self.make_controlnet(unet, int(latent_channels), int(embedding_channels))
+        self.controlnet.requires_grad_(True)  # built in float32 (from_unet copies into float32 weights)
         self.conditioning_scale = float(conditioning_scale)
+
+    def make_controlnet(self, unet: nn.Module, latent_channels: int, embedding_channels: int) -> nn.Module:
+        """The trainable network: a full copy of the UNet encoder (subclasses build other shapes)."""
+        from diffusers import ControlNetModel
+
+        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(embedding_channels,),
+                                         conditioning_channels=latent_channels)
 
     def residuals(self, unet, x, t, context, cond):
         dtype = next(self.controlnet.parameters()).dtype
