@@ -1,16 +1,43 @@
 """``sr-train`` / ``make train EXP=...``: compose, validate, build, fit, export.
 
 Order matters: the config is validated and the data folders are probed before any model is built,
-so a wrong value or an empty folder fails in seconds. The task wrapper always finishes the loggers
-(``wandb.finish()`` included), also when training raises.
+so a wrong value or an empty folder fails in seconds (``trainer=ddp`` on a machine without a GPU
+too: one line naming the CPU recipe). The task wrapper always finishes the loggers (``wandb.finish()``
+included), also when training raises. A config error is one line, logged once (Hydra's console handler
+and ``train.log``; on stderr only when no console handler shows it), exit code 2.
+
+Progress (``train.progress``, :mod:`sr_lab.progress`): a bar over ``k / train.iterations`` on a terminal,
+plain log lines every ``train.log_every`` iterations otherwise.
+
+Step axis: every row the loggers get (``metrics.csv``, W&B) is on Lightning's ``global_step``, the axis of
+the checkpoint names (``stepNNNNNNN.ckpt``) and image grids (``*_stepNNNNNNN.png``); it counts
+``module.optimizer_steps_per_iteration`` per iteration (2 in the alternate mode). Lightning's own default
+for a row without a step is its count of stepped batches (micro-batches here), which no file name uses.
+
+Resume in one run folder. Hydra picks the run folder before any code of ours runs, so :func:`main`
+rewrites the command line first (:func:`resume_overrides`): ``ckpt_path=<run>/checkpoints/<x>.ckpt``
+of an sr_lab run folder (it has ``.hydra/``) with neither ``hydra.run.dir`` nor ``paths.output_dir``
+given adds ``hydra.run.dir=<run>``, and a resume into a folder that already holds a run keeps that run's
+``.hydra/`` and writes its own to ``.hydra/resume_<date>/``. Checkpoints, image grids, ``train.log``
+(appended) and ``metrics.csv`` then continue in place: the CSV logger reuses the newest ``version_N``
+holding a ``metrics.csv`` and keeps its rows up to the checkpoint's step (an interrupted run may have
+logged past its last checkpoint), so the file holds one history. Only the command line is rewritten:
+a programmatic :func:`run` writes where ``paths.output_dir`` says. ``ckpt_path=last`` / ``auto``
+resumes the newest complete checkpoint of the run folder (``hydra.run.dir=<run>`` or
+``paths.output_dir``; see :func:`resolve_ckpt_path`), as BasicSR's ``auto_resume``.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
+import re
 import sys
+import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +66,10 @@ def _wandb_offline(setting: Any) -> bool:
     return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
 
 
-def build_loggers(cfg: DictConfig) -> list:
-    from lightning.pytorch.loggers import WandbLogger
+def build_loggers(cfg: DictConfig, resume: bool = False) -> list:
+    """The configured loggers; with ``resume`` a CSV logger without a pinned ``version`` continues the newest
+    ``version_N`` that holds a ``metrics.csv`` (instead of starting ``version_N+1``)."""
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     loggers = []
     for name, lcfg in (cfg.get("logger") or {}).items():
@@ -51,6 +80,10 @@ def build_loggers(cfg: DictConfig) -> list:
             cls = hydra.utils.get_class(lcfg["_target_"])
         except Exception:  # noqa: BLE001
             cls = None
+        if resume and isinstance(cls, type) and issubclass(cls, CSVLogger) and lcfg.get("version") is None:
+            version = csv_resume_version(lcfg.get("save_dir", "."), lcfg.get("name", "lightning_logs"))
+            if version is not None:
+                lcfg["version"] = version
         if isinstance(cls, type) and issubclass(cls, WandbLogger):
             lcfg["offline"] = _wandb_offline(lcfg.get("offline", "auto"))
             if lcfg["offline"]:
@@ -76,31 +109,30 @@ def finish_loggers(loggers: list, status: str) -> None:
 def export_trainable(module, out_dir: Path, cfg: DictConfig, ema: dict | None = None) -> Path:
     """Write the trainable weights as safetensors plus the resolved config next to them; with ``ema``
     (:meth:`sr_lab.ema.EMA.export_state`) also their EMA as ``trainable_ema.safetensors`` (same keys)."""
-    from safetensors.torch import save_file
-
     from sr_lab.modules.stage_io import EMA_FILE
+    from sr_lab.utils.atomic import atomic_omegaconf_save, atomic_safetensors_save
 
     out_dir.mkdir(parents=True, exist_ok=True)
     keep = module.trainable_state_keys()
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if k in keep}
     path = out_dir / "trainable.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"sr_lab_task": str(cfg.task_name)})
-    os.replace(tmp, path)
+    atomic_safetensors_save(state, path, metadata={"sr_lab_task": str(cfg.task_name)})
     ema_path = out_dir / EMA_FILE
     if ema is not None:
-        tmp = ema_path.with_suffix(".tmp")
-        save_file({k: ema[k] for k in state}, str(tmp), metadata={"sr_lab_task": str(cfg.task_name), "ema": "true"})
-        os.replace(tmp, ema_path)
+        atomic_safetensors_save({k: ema[k] for k in state}, ema_path,
+                                metadata={"sr_lab_task": str(cfg.task_name), "ema": "true"})
     else:  # never leave a stale EMA of an earlier run in this folder (sr-infer would prefer it)
         ema_path.unlink(missing_ok=True)
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    atomic_omegaconf_save(cfg, out_dir / "config.yaml", resolve=True)
     return path
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train one stage from a composed config; returns the final logged metrics."""
+    resolve_ckpt_path(cfg)  # ckpt_path=last|auto -> a file, before validation checks that it is one
     validate_config(cfg)
+    check_accelerator(cfg)  # trainer=ddp without a GPU: one line, before anything is built
+    progress = progress_mode(cfg)
     for name in ("lightning.pytorch", "lightning.fabric"):  # Hydra already prints to the console
         logging.getLogger(name).propagate = False
     # expected here: the frozen backbone stays in eval mode; checkpoints are taken after optimizer steps
@@ -108,6 +140,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from sr_lab.utils.atomic import atomic_write_text, remove_stale_temps
+    remove_stale_temps(out_dir, recursive=True)  # temporary files of a killed run (checkpoints, export, images)
     inst = hydra.utils.instantiate
 
     # cheap components first: degradation and data (probes the folders), then the trainer
@@ -115,9 +149,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = inst(cfg.data, degradation=degradation)
     datamodule.setup("fit")
 
-    loggers = build_loggers(cfg)
+    ckpt = cfg.get("ckpt_path") if cfg.get("run_mode", "fit") == "fit" else None
+    resume_step = None
+    if ckpt:
+        try:  # cheap (mmap): only the step is read; an unreadable file is Lightning's to report below
+            resume_step = checkpoint_global_step(ckpt)
+            log.info("resuming from %s (global step %d) in %s", ckpt, resume_step, out_dir)
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        except Exception as exc:  # noqa: BLE001
+            log.debug("ckpt_path=%s: no step read (%s)", ckpt, exc)
+    loggers = build_loggers(cfg, resume=resume_step is not None)
     status = "failed"
     try:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        if resume_step is not None and rank_zero_only.rank == 0:
+            continue_csv_history(loggers, resume_step)
         from lightning.pytorch import seed_everything
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -131,8 +178,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
             ema_cb = EMA(float(cfg.ema.decay), use_for_validation=bool(cfg.ema.get("use_for_validation", True)))
             callbacks.append(ema_cb)
+        progress_kwargs = add_progress(callbacks, cfg, progress)
         trainer = inst(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                       plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir), _convert_="object")
+                       plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir), _convert_="object",
+                       **progress_kwargs)
+        log_on_global_step(trainer)
         world = trainer.world_size
         per_step = int(cfg.data.batch_size) * world
         if cfg.train.total_batch_size % per_step:
@@ -173,24 +223,271 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 path = export_trainable(module, out_dir / "export", cfg,
                                         ema=ema_cb.export_state(module) if ema_cb is not None else None)
                 log.info("trainable weights: %s", path)
-            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
         status = "success"
         return metrics
     finally:
         finish_loggers(loggers, status)
 
 
+# --- progress ------------------------------------------------------------------------------------------
+
+
+def progress_mode(cfg: DictConfig) -> str:
+    """``train.progress`` (auto | bar | log | none) -> bar | log | none; see :mod:`sr_lab.progress`."""
+    from sr_lab.progress import resolve_mode
+
+    try:
+        return resolve_mode(OmegaConf.select(cfg, "train.progress", default="auto"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def add_progress(callbacks: list, cfg: DictConfig, mode: str) -> dict[str, Any]:
+    """Append the progress callbacks for ``mode``; returns the Trainer keywords that go with them.
+    A progress bar already in ``callbacks`` (the user's) is kept as is; ``trainer.enable_progress_bar=false``
+    turns the bar off."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from sr_lab.progress import ProgressLog, iteration_progress_bar
+
+    iterations = int(cfg.train.iterations)
+    if any(isinstance(c, ProgressBar) for c in callbacks):
+        return {}
+    if mode == "log":
+        callbacks.append(ProgressLog(iterations, int(cfg.train.log_every)))
+    if mode == "bar" and OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True) is not False:
+        callbacks.append(iteration_progress_bar(iterations))
+        return {}
+    return {"enable_progress_bar": False}  # no cursor codes in a log file
+
+
+def log_on_global_step(trainer) -> None:
+    """Send every logged row on ``trainer.global_step`` (see the module docstring): Lightning passes
+    ``step=None`` for rows logged through ``self.log`` (training, validation, callbacks' epoch-end values)
+    and fills in its stepped-batch count, a different axis from the checkpoint and image names."""
+    connector = getattr(trainer, "_logger_connector", None)
+    original = getattr(connector, "log_metrics", None)
+    if original is None:  # pragma: no cover - a Lightning without this hook: keep its axis
+        log.warning("metrics keep Lightning's default step axis (no _logger_connector.log_metrics)")
+        return
+
+    def log_metrics(metrics, step=None):
+        if step is None and "step" not in metrics:
+            step = trainer.global_step
+        return original(metrics, step)
+
+    connector.log_metrics = log_metrics
+
+
+# --- accelerator ---------------------------------------------------------------------------------------
+
+
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU trainer on a machine where torch sees none: one line (Lightning would fail deep inside a
+    traceback after the data and model are built: "No supported gpu backend found!")."""
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu")).lower()
+    if accelerator not in ("gpu", "cuda") or torch.cuda.is_available():
+        return
+    if accelerator == "gpu" and torch.backends.mps.is_available():
+        return  # Apple silicon: Lightning's "gpu" is MPS
+    strategy = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    strategy = str(strategy.get("_target_", "") if isinstance(strategy, DictConfig) else strategy or "").lower()
+    why = f"trainer.accelerator={accelerator} but torch sees no GPU (torch.cuda.is_available() is False)"
+    if "fsdp" in strategy:
+        raise ConfigError(f"trainer=fsdp needs GPUs: {why}; on CPU processes use trainer=ddp "
+                          "trainer.accelerator=cpu trainer.devices=2")
+    if "ddp" in strategy:
+        raise ConfigError(f"trainer=ddp runs on GPUs: {why}; DDP on CPU processes: trainer=ddp "
+                          "trainer.accelerator=cpu trainer.devices=2")
+    raise ConfigError(f"{why}; on this machine use trainer=cpu")
+
+
+# --- resume --------------------------------------------------------------------------------------------
+
+RESUME_KEYWORDS = ("last", "auto")
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    """Where this run's checkpoints go (the ModelCheckpoint's dirpath, else ``<output_dir>/checkpoints``)."""
+    dirpath = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None)
+    return Path(dirpath) if dirpath else Path(cfg.paths.output_dir) / "checkpoints"
+
+
+def checkpoint_global_step(path: str | os.PathLike) -> int:
+    """The ``global_step`` stored in a Lightning checkpoint, read cheaply: the zip's central directory
+    (a truncated file has none), then a ``weights_only`` load with ``mmap`` (tensor data are not read).
+    Raises on a truncated, garbage or foreign file."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not a complete torch zip archive (truncated?)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return int(ckpt["global_step"])
+    finally:
+        del ckpt
+
+
+def find_resume_checkpoint(folder: str | os.PathLike) -> tuple[Path, int] | None:
+    """The newest complete checkpoint in ``folder`` as ``(path, global_step)``: the highest stored step
+    (ties: the newer file, then ``last.ckpt``); files that do not load are skipped with a warning."""
+    found = []
+    for path in sorted(Path(folder).glob("*.ckpt")):
+        if path.name.startswith(".") or not path.is_file():  # atomic writes' temporaries are hidden
+            continue
+        try:
+            step = checkpoint_global_step(path)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("skipping %s: not a complete checkpoint (%s)", path, str(exc).splitlines()[0] if str(exc) else
+                        type(exc).__name__)
+            continue
+        found.append((step, path.stat().st_mtime, path.name == "last.ckpt", path))
+    if not found:
+        return None
+    step, _, _, path = max(found, key=lambda t: t[:3])
+    return path, step
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> None:
+    """``ckpt_path=last`` / ``auto``: set ``cfg.ckpt_path`` to the newest complete checkpoint of this run
+    folder (:func:`checkpoint_dir`) and log which. None there: ``last`` is a config error, ``auto``
+    starts fresh (``ckpt_path=null``). Any other value is left to the config validation."""
+    value = cfg.get("ckpt_path")
+    if not isinstance(value, str) or value.strip().lower() not in RESUME_KEYWORDS or Path(value).is_file():
+        return
+    keyword = value.strip().lower()
+    folder = checkpoint_dir(cfg)
+    found = find_resume_checkpoint(folder) if folder.is_dir() else None
+    if found is None:
+        if keyword == "last":
+            raise ConfigError(f"ckpt_path=last: no complete checkpoint in {folder}; name the run to resume "
+                              "(hydra.run.dir=outputs/<task>/<date> ckpt_path=last), or ckpt_path=auto to "
+                              "start fresh when there is none")
+        log.info("ckpt_path=auto: no checkpoint in %s, starting fresh", folder)
+        cfg.ckpt_path = None
+        return
+    path, step = found
+    log.info("ckpt_path=%s: the newest complete checkpoint is %s (global step %d)", keyword, path, step)
+    cfg.ckpt_path = str(path)
+
+
+def csv_resume_version(save_dir: str | os.PathLike, name: str | None) -> int | None:
+    """The newest ``version_N`` under ``<save_dir>/<name>`` that holds a ``metrics.csv`` (None: none)."""
+    root = Path(save_dir) / name if name else Path(save_dir)
+    versions = [int(d.name[len("version_"):]) for d in root.glob("version_*")
+                if d.name[len("version_"):].isdigit() and (d / "metrics.csv").is_file()]
+    return max(versions) if versions else None
+
+
+def _row_step(row: dict) -> float | None:
+    try:
+        return float(row.get("step") or "nan")
+    except ValueError:
+        return None
+
+
+def continue_csv_history(loggers: list, step: int) -> None:
+    """Resuming at ``global_step`` ``step``: each CSV logger appends to its ``metrics.csv``, which keeps the
+    rows up to ``step`` (those logged after the checkpoint are logged again). Lightning's CSV writer
+    deletes an existing file when it starts, so the kept rows are put back right after, under the writer's
+    header."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for lg in loggers:
+        if not isinstance(lg, CSVLogger):
+            continue
+        path = Path(lg.log_dir) / "metrics.csv"
+        if not path.is_file():
+            continue
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            keys = sorted(reader.fieldnames or [])
+            rows = [r for r in reader if (s := _row_step(r)) is not None and s <= step]
+        with warnings.catch_warnings():  # "Previous log files ... will be deleted": they are put back below
+            warnings.simplefilter("ignore")
+            writer = lg.experiment
+        buf = io.StringIO()
+        out = csv.DictWriter(buf, fieldnames=keys)  # the csv module's "\r\n", as Lightning writes
+        out.writeheader()
+        out.writerows(rows)
+        from sr_lab.utils.atomic import atomic_write_text
+
+        atomic_write_text(path, buf.getvalue())
+        writer.metrics_keys = list(keys)  # the writer appends under this header (and rewrites it for new keys)
+        log.info("metrics: %s continues (%d rows up to step %d kept)", path, len(rows), step)
+
+
+_PLAIN_VALUE = re.compile(r"[\w./:@+~%-]+")
+
+
+def _override_value(text: str) -> str | None:
+    """``text`` as a Hydra override value (quoted when needed; None: not expressible safely)."""
+    if _PLAIN_VALUE.fullmatch(text):
+        return text
+    if "\\" in text or "${" in text:
+        return None
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def resume_overrides(argv: list[str]) -> list[str]:
+    """Overrides :func:`main` adds to the command line so a resumed run continues in its run folder (see
+    the module docstring). ``argv``: the command line without the program."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return []
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser = OverridesParser.create()
+    except Exception:  # noqa: BLE001  # pragma: no cover
+        return []
+    given = {}
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue  # a flag, or a flag's value (--config-name train)
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # noqa: BLE001  # Hydra reports it
+            continue
+        given[override.key_or_group] = override
+    ckpt = given.get("ckpt_path")
+    ckpt = None if ckpt is None or ckpt.is_delete() else ckpt.value()
+    if not isinstance(ckpt, str) or not ckpt:
+        return []
+    extra = []
+    if "hydra.run.dir" in given:
+        run_dir = given["hydra.run.dir"].value()
+    elif "paths.output_dir" in given or ckpt.strip().lower() in RESUME_KEYWORDS:
+        return []  # the user chose where the run writes / no run folder named: a new dated folder
+    else:
+        path = Path(os.path.abspath(os.path.expanduser(ckpt)))
+        run_dir = str(path.parent.parent)
+        value = _override_value(run_dir)
+        if path.parent.name != "checkpoints" or not (path.parent.parent / ".hydra").is_dir() \
+                or not path.is_file() or value is None:
+            return []  # not a checkpoint of an sr_lab run folder: the run gets a new folder
+        extra.append(f"hydra.run.dir={value}")
+    if isinstance(run_dir, str) and "hydra.output_subdir" not in given \
+            and (Path(run_dir) / ".hydra" / "config.yaml").is_file():
+        extra.append(f"hydra.output_subdir=.hydra/resume_{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    return extra
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    from sr_lab.modules.stage_io import StageLoadError
+    from sr_lab.utils.cli import report_cli_error
+
     try:
         run(cfg)
-    except ConfigError as exc:
-        log.error("config error: %s", exc)
-        print(f"config error: {exc}", file=sys.stderr)
+    except (ConfigError, StageLoadError) as exc:  # a bad value, or a stage file that cannot be used
+        report_cli_error(log, exc)  # one line, once, on stderr (and in <run>/train.log)
         sys.exit(2)
 
 
 def main() -> None:
+    extra = resume_overrides(sys.argv[1:])
+    if extra:  # Hydra reads sys.argv; added last, so a DDP child's own hydra.run.dir=... still wins there
+        sys.argv = [*sys.argv, *extra]
     _hydra_main()
 
 

@@ -219,8 +219,11 @@ def test_wandb_is_finished_when_evaluation_fails(tmp_path, monkeypatch):
         raise RuntimeError("scoring failed")
 
     monkeypatch.setattr(eval_run, "score_runs", boom)
-    cfg = compose_cfg("eval", [f"sr_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}", "logger=csv_wandb",
-                               "metrics.names=[psnr]"])
+    cfg = compose_cfg("eval", [f"sr_dir={tmp_path}", f"hr_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}",
+                               "logger=csv_wandb", "metrics.names=[psnr]"])
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")  # one SR/HR pair (the same file), so scoring is reached
     with pytest.raises(RuntimeError, match="scoring failed"):
         eval_run.run_eval(cfg)
     assert wandb.run is None

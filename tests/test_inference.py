@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAST, ROOT, compose_train
+from helpers import ROOT, compose_train
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -23,17 +23,6 @@ from sr_lab.inference import SRPipeline, StageLoadError, TileSettings, VAETileSe
 from sr_lab.inference.pipeline import seed_generators
 from sr_lab.inference.run import effective_sampler_config, run_inference
 from sr_lab.train import CONF_DIR
-from sr_lab.train import run as train_run
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
-    """One short tiny CCSR stage-1 training run (export folder + checkpoints) for the whole session."""
-    out = tmp_path_factory.mktemp("ccsr_stage1_run")
-    train_run(compose_train([*FAST, "experiment=ccsr_stage1", "train.iterations=1", "train.ckpt_every=1",
-                             "data.crop_size=32", "data.batch_size=1", "train.total_batch_size=1",
-                             "data.num_val_images=1"], out))
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -87,7 +87,7 @@ def test_load_stage_refuses_torch_load_and_runs_nothing(crafted):
         load_stage(folder)
     msg = _one_line(str(err.value))
     assert "module._target_=torch.load" in msg and "not an allow-listed sr_lab class or function" in msg
-    assert "trainable.safetensors" in msg  # names the file
+    assert "export/config.yaml" in msg  # names the file that is wrong (the stored config)
     assert not marker.exists()
 
 

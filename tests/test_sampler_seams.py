@@ -123,9 +123,11 @@ def test_ccsr_authors_chain_for_grid_50():
     assert ccsr_truncated.timesteps(1000, chain="authors") == ccsr_truncated.timesteps(1000)
 
 
-def test_ccsr_steps_is_a_deprecated_alias_of_grid(caplog):
+def test_ccsr_steps_is_a_deprecated_alias_of_grid(caplog, monkeypatch):
+    monkeypatch.setattr(ccsr_truncated, "_WARNED_STEPS", set())
     assert ccsr_truncated.timesteps(1000, steps=50) == ccsr_truncated.timesteps(1000, grid=50)
-    assert "renamed sampler.grid" in caplog.text
+    assert ccsr_truncated.timesteps(1000, steps=50) == ccsr_truncated.timesteps(1000, grid=50)
+    assert caplog.text.count("renamed sampler.grid") == 1  # once, not at every sampling call
     with pytest.raises(ValueError, match="contradicts"):
         ccsr_truncated.timesteps(1000, grid=30, steps=50)
 

@@ -5,8 +5,10 @@ Called by :func:`sr_lab.config.validation.validate_config`; every failure is a o
 
 * ``run_mode`` is ``fit`` or ``predict`` (a predict stage cannot resume from ``ckpt_path``: it resumes
   by skipping the shards it already wrote);
-* ``stage1`` — required (and must be an export folder, its ``trainable.safetensors`` or a ``.ckpt``)
-  when the module reads it;
+* ``stage1`` (and an AddSR ``teacher``) — required (and must be an export folder, its
+  ``trainable.safetensors`` or a ``.ckpt``) when the module reads it; the files are probed without
+  loading any tensor (the config parses, the safetensors header / the checkpoint's zip directory reads),
+  and the error names the file that is wrong;
 * decoder stages: ``module.decoder.w`` / ``train_w`` in [0, 1], ``module.disc_start`` >= 0,
   ``module.disc_weight`` >= 0; the LPIPS weights exist, or ``perceptual.allow_random_init`` is set on
   a backbone whose builder declares ``random_weights`` (``tiny``; never with a real one);
@@ -73,7 +75,7 @@ def validate_stage_keys(cfg: DictConfig, error: type[Exception]) -> None:
                         f"e.g. {key}=outputs/<task>/<date>")
         from sr_lab.modules.stage_io import describe_stage_path
 
-        reason = describe_stage_path(value)
+        reason = describe_stage_path(value) or unreadable_stage_files(value)
         if reason:
             raise error(f"{key}={value}: {reason}")
 
@@ -94,6 +96,51 @@ def validate_stage_keys(cfg: DictConfig, error: type[Exception]) -> None:
     check_data = declared(cfg, "data", "validate_config")
     if check_data is not None:  # the data module's own keys (e.g. latent records: records.*, data.records_dir)
         check_data(cfg, error)
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def unreadable_stage_files(source: Any) -> str | None:
+    """``None`` if the stage files at ``source`` (which :func:`describe_stage_path` accepted) can be
+    opened, else one line naming the file that is wrong. Cheap: no tensor is loaded — an export's
+    ``config.yaml`` is parsed and its weights file's safetensors header read; a ``.ckpt`` must be a
+    readable PyTorch zip archive."""
+    from pathlib import Path
+
+    from sr_lab.modules.stage_io import EMA_FILE, _resolve
+
+    p = _resolve(source)
+    if p.is_dir():
+        cfg_file, weights = p / "config.yaml", p / "trainable.safetensors"
+        named = Path(str(source)).expanduser()
+        if named.is_file() and named.suffix == ".safetensors":
+            weights = named
+        elif (p / EMA_FILE).is_file():  # what load_frozen_stage reads (ema=True)
+            weights = p / EMA_FILE
+        try:
+            cfg = OmegaConf.load(cfg_file)
+        except Exception as exc:  # noqa: BLE001 - unparsable yaml
+            return f"{cfg_file} cannot be read: {_short(exc)}"
+        if not isinstance(cfg, DictConfig) or "module" not in cfg:
+            return f"{cfg_file} is not a stored stage config (no module section)"
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - corrupt / truncated header
+            return f"{weights} cannot be read: {_short(exc)}"
+        return None
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(p) as z:
+            z.namelist()
+    except Exception as exc:  # noqa: BLE001 - not a zip (torch.save) archive, or truncated
+        return f"{p} cannot be read as a PyTorch checkpoint: {_short(exc)}"
+    return None
 
 
 def _check_perceptual(cfg: DictConfig, error: type[Exception]) -> None:

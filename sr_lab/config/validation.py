@@ -159,9 +159,7 @@ def validate_config(cfg: DictConfig) -> None:
     if not needs_hr_folders(cfg):
         pass  # e.g. latent records (stablesr_cfw): checked by the data module, no HR folder to probe
     elif dirs is not None:
-        for d in [dirs] if isinstance(dirs, str) else list(dirs):
-            if not Path(str(d)).expanduser().is_dir():
-                raise ConfigError(f"data.hr_dirs: folder {d} does not exist")
+        _check_image_folders("data.hr_dirs", dirs, crop)
     else:
         largest, n = _largest_sample_side()
         if crop > largest:
@@ -169,12 +167,23 @@ def validate_config(cfg: DictConfig) -> None:
                               f"(largest short side {largest} px over {n} photos); use <= {largest // multiple * multiple}")
     val_dirs = _get(cfg, "data.val_dirs")
     if val_dirs is not None:
-        for d in [val_dirs] if isinstance(val_dirs, str) else list(val_dirs):
-            if not Path(str(d)).expanduser().is_dir():
-                raise ConfigError(f"data.val_dirs: folder {d} does not exist")
+        _check_image_folders("data.val_dirs", val_dirs, crop)
     ckpt = _get(cfg, "ckpt_path")
     if ckpt is not None and not Path(str(ckpt)).is_file():
         raise ConfigError(f"ckpt_path={ckpt} is not a file")
+
+
+def _check_image_folders(key: str, dirs: Any, crop: int) -> None:
+    """Each folder of ``key`` exists and holds at least one image the data module can train on (listed,
+    filtered and decoded as :mod:`sr_lab.data` does: :func:`sr_lab.data.folder.check_hr_folder`)."""
+    from sr_lab.data.folder import check_hr_folder
+
+    for d in [dirs] if isinstance(dirs, str) else list(dirs):
+        if not Path(str(d)).expanduser().is_dir():
+            raise ConfigError(f"{key}: folder {d} does not exist")
+        found = check_hr_folder(str(d), crop)
+        if found.usable is None:
+            raise ConfigError(f"{key}: no readable image of at least {crop} px in {d} ({found.describe()})")
 
 
 def _check_loss_schedule(cfg: DictConfig) -> None:

@@ -198,7 +198,8 @@ class SRDataModule(LightningDataModule):
         self.consumed_samples = 0
         self.train_dataset: HRFolderDataset | None = None
         self.val_dataset: HRFolderDataset | None = None
-        self._skip_count, self._skip_paths, self._warned = 0, [], set()
+        self._load_failures: dict[str, str] = {}  # path -> reason, files that failed at load time (this process)
+        self._exclusions: tuple[Any, Any, dict[str, str]] | None = None  # (train ds, val ds, their exclusions)
 
     # ---- distributed context ------------------------------------------------------------------
     def _context(self) -> tuple[bool, int, int]:
@@ -288,25 +289,43 @@ class SRDataModule(LightningDataModule):
         return {"hr": out["hr"], "lr": out["lr"], "index": index}
 
     def _note_skipped(self, skipped: Any, ds: HRFolderDataset | None) -> None:
+        """Record the files of a batch that failed at load time (each distinct file once, one warning each)."""
         if isinstance(skipped, torch.Tensor):
             skipped = skipped[skipped >= 0].tolist()
         if not skipped or ds is None:
             return
         for idx in skipped:
             path = ds.files[idx]
-            self._skip_count += 1
-            if path not in self._skip_paths:
-                self._skip_paths.append(path)
-            if path not in self._warned:
-                self._warned.add(path)
-                reason = ds.failure_reason(idx) or "failed in a data worker"
-                log.warning("skipped HR image %s (%s); used the next image of the permutation instead", path, reason)
+            if path in self._load_failures:
+                continue
+            reason = ds.failure_reason(idx) or "failed in a data worker"
+            self._load_failures[path] = f"failed at load time ({reason})"
+            log.warning("skipped HR image %s (%s); used the next image of the permutation instead", path, reason)
 
-    def pop_skip_report(self) -> tuple[int, list[str]]:
-        """``(number of samples that needed a fallback, files that failed)`` since the last call; resets."""
-        report = (self._skip_count, list(self._skip_paths))
-        self._skip_count, self._skip_paths = 0, []
-        return report
+    def _setup_exclusions(self) -> dict[str, str]:
+        """Files excluded when the datasets were built (unreadable header, smaller than the crop), except
+        the quiet ones (the shipped sample photos, non-zero ranks)."""
+        datasets = (self.train_dataset, self.val_dataset)
+        cached = self._exclusions
+        if cached is None or cached[0] is not datasets[0] or cached[1] is not datasets[1]:
+            found: dict[str, str] = {}
+            for ds in datasets:
+                if ds is not None and not ds.quiet:
+                    for path, reason in ds.excluded:
+                        found.setdefault(path, reason)
+            self._exclusions = cached = (*datasets, found)
+        return cached[2]
+
+    def skipped_count(self) -> int:
+        """Number of distinct files not used so far (see :meth:`skipped_files`); cheap, callable per batch."""
+        excluded = self._setup_exclusions()
+        return len(excluded) + sum(p not in excluded for p in self._load_failures)
+
+    def skipped_files(self) -> dict[str, str]:
+        """``{path: reason}`` of the distinct HR files this process has not used: excluded when the folders
+        were probed (unreadable header, smaller than the crop) or failed at load time (truncated body,
+        ...), in the order they were found. Each file appears once however often it was drawn."""
+        return {**self._setup_exclusions(), **self._load_failures}
 
     # ---- checkpoint state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,8 +23,9 @@ from torch.utils.data import Dataset
 from sr_lab.utils.seeding import make_generator
 
 from .images import ImageReadError, _probe, read_rgb_uint8
+from .samples import IMAGE_EXTENSIONS, find_images
 
-__all__ = ["HRFolderDataset"]
+__all__ = ["HRFolderDataset", "FolderCheck", "check_hr_folder", "exclusion_reason"]
 
 log = logging.getLogger("sr_lab.data")
 
@@ -36,10 +38,70 @@ def _safe_probe(path: str) -> tuple[int, int, str] | ImageReadError:
 
 
 def _probe_iter(files: Sequence[str], chunk: int = 256) -> Iterator[tuple[int, int, str] | ImageReadError]:
-    """Header probes in file order, a chunk at a time on a few threads (stops early if the caller does)."""
+    """Header probes in file order, a chunk at a time on a few threads (stops early if the caller does;
+    the chunks grow from 8 files, so a caller that stops at the first good file probes few more)."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
-        for i in range(0, len(files), chunk):
-            yield from ex.map(_safe_probe, files[i : i + chunk])
+        i, size = 0, min(8, chunk)
+        while i < len(files):
+            yield from ex.map(_safe_probe, files[i : i + size])
+            i, size = i + size, min(chunk, size * 4)
+
+
+def exclusion_reason(info: tuple[int, int, str] | ImageReadError, crop_size: int) -> str | None:
+    """Why a probed file (``_probe`` result or its error) cannot give a ``crop_size`` crop; ``None``: usable.
+    The one rule shared by :class:`HRFolderDataset` and the config check (:func:`check_hr_folder`)."""
+    if isinstance(info, ImageReadError):
+        return f"unreadable ({info.reason})"
+    if min(info[0], info[1]) < crop_size:
+        return f"too small ({info[0]}x{info[1]} < crop {crop_size}x{crop_size})"
+    return None
+
+
+@dataclass
+class FolderCheck:
+    """Result of :func:`check_hr_folder`: the first usable file (``None`` if none) and, when none was
+    found, what the files were (all counted; with a usable file only those probed before it)."""
+
+    usable: str | None
+    files: int
+    unreadable: int = 0
+    small: int = 0
+
+    def describe(self) -> str:
+        """``3 files: 2 unreadable, 1 smaller than the crop`` / ``no .bmp/.gif/... file, sub-folders included``."""
+        if not self.files:
+            return f"no {'/'.join(sorted(IMAGE_EXTENSIONS))} file, sub-folders included"
+        return (f"{self.files} file{'s' if self.files != 1 else ''}: {self.unreadable} unreadable, "
+                f"{self.small} smaller than the crop")
+
+
+def check_hr_folder(roots: str | os.PathLike | Sequence[str | os.PathLike], crop_size: int) -> FolderCheck:
+    """Find one file under ``roots`` that the data module can train on: listed by :func:`find_images`,
+    header probed and kept by :func:`exclusion_reason` like :class:`HRFolderDataset` does, then decoded
+    once (a truncated body fails only at decode time) and at least ``crop_size`` on its short side.
+
+    Cheap on a big folder: files are probed in listing order until the first usable one (only that
+    one, plus any truncated ones before it, is decoded); the counts cover every file only when none is
+    usable. Raises ``FileNotFoundError`` for a root that does not exist.
+    """
+    files = find_images(roots)
+    unreadable = small = 0
+    for path, info in zip(files, _probe_iter(files)):
+        reason = exclusion_reason(info, crop_size)
+        if reason is None:
+            try:
+                arr, _ = read_rgb_uint8(path)
+            except ImageReadError:
+                unreadable += 1
+                continue
+            if min(arr.shape[:2]) >= crop_size:
+                return FolderCheck(path, len(files), unreadable, small)
+            small += 1
+        elif isinstance(info, ImageReadError):
+            unreadable += 1
+        else:
+            small += 1
+    return FolderCheck(None, len(files), unreadable, small)
 
 
 def _describe_sources(files: Sequence[str]) -> str:
@@ -59,7 +121,7 @@ class HRFolderDataset(Dataset):
         max_items: keep only the first ``max_items`` usable files (probing stops there).
         source: folder description for messages (default: the files' parent folders).
         quiet: log exclusions at DEBUG instead of WARNING (used for the scikit-image samples and on
-            non-zero ranks).
+            non-zero ranks); kept as ``self.quiet`` (the data module does not list quiet exclusions as skipped).
 
     At construction every file's header is probed; unreadable files and files smaller than the crop
     are excluded with one log record each (``sr_lab.data`` logger) and listed in ``self.excluded`` as
@@ -83,7 +145,7 @@ class HRFolderDataset(Dataset):
         source: str | None = None,
         quiet: bool = False,
     ):
-        self.crop_size, self.seed, self.train = int(crop_size), int(seed), bool(train)
+        self.crop_size, self.seed, self.train, self.quiet = int(crop_size), int(seed), bool(train), bool(quiet)
         seen = [str(f) for f in files]
         self.source = source or _describe_sources(seen)
         level = logging.DEBUG if quiet else logging.WARNING
@@ -92,11 +154,8 @@ class HRFolderDataset(Dataset):
         modes: Counter[str] = Counter()
         c = self.crop_size
         for path, info in zip(seen, _probe_iter(seen)):
-            if isinstance(info, ImageReadError):
-                reason = f"unreadable ({info.reason})"
-            elif min(info[0], info[1]) < c:
-                reason = f"too small ({info[0]}x{info[1]} < crop {c}x{c})"
-            else:
+            reason = exclusion_reason(info, c)
+            if reason is None:
                 self.files.append(path)
                 if info[2] != "RGB":
                     modes[info[2]] += 1

@@ -11,7 +11,8 @@ contain in practice, and says what it converted:
   ``I`` images whose values all fit in 0..255 are taken as 8-bit data; float (``F``) images in [0,1]
   are scaled by 255, otherwise clipped;
 * 48/64-bit RGB(A) files are reduced to 8 bit per channel by Pillow when decoding (high byte kept);
-* multi-frame files (TIFF, ...) use their first frame.
+* multi-frame files (TIFF, animated GIF/WebP, ...) use their first frame; GIF frames are palette
+  images, converted as above (transparent pixels on white).
 
 Truncated or undecodable files raise :class:`ImageReadError` with the reason; Pillow's
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` is forced to ``False`` while decoding, so a half-written file is

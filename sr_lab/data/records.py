@@ -8,8 +8,9 @@ finetuned diffusion model given the LR images as conditions"). Here:
   ``[k·S, min((k+1)·S, N))`` for ``k = i // S`` (S = ``shard_size``), named
   ``records-<start:09d>-<stop:09d>.safetensors`` with tensors ``lr`` (uint8 n×3×h×w), ``hr``
   (uint8 n×3×H×W), ``latent`` (float32 n×C×H/8×W/8, scaled like the diffusion latents) and ``index``
-  (int64 n). Files are written to a temporary name and moved into place (``os.replace``), so a shard
-  either exists complete or not at all.
+  (int64 n). Files are written to a temporary name and moved into place (:mod:`sr_lab.utils.atomic`),
+  so a shard either exists complete or not at all; temporary files of a killed writer are removed when
+  the next writer starts.
 * :class:`RecordSourceDataModule` — the writer's input: an :class:`~sr_lab.data.SRDataModule` whose
   ``predict_dataloader`` yields the HR crops of the records not yet written, shard by shard, shards
   ``k ≡ rank (mod world size)`` on each rank. Record ``i`` is HR crop ``i`` of the training dataset
@@ -34,6 +35,7 @@ from lightning.pytorch import LightningDataModule
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from sr_lab.utils.atomic import atomic_safetensors_save, atomic_write_text, remove_stale_temps
 from sr_lab.utils.seeding import make_generator
 
 from .datamodule import CounterSampler, SRDataModule, _ResumableLoader, collate_hr
@@ -95,29 +97,15 @@ def select_shards(records_dir: str | os.PathLike) -> list[tuple[int, int, Path]]
 def write_shard(records_dir: str | os.PathLike, start: int, tensors: dict[str, torch.Tensor],
                 metadata: dict[str, str] | None = None) -> Path:
     """Atomically write one shard (temporary file in the same folder + ``os.replace``)."""
-    from safetensors.torch import save_file
-
     d = Path(records_dir).expanduser()
-    d.mkdir(parents=True, exist_ok=True)
     n = int(tensors["index"].shape[0])
     path = d / shard_name(start, start + n)
-    tmp = d / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": FORMAT, **(metadata or {})})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_safetensors_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
+                                   metadata={"format": FORMAT, **(metadata or {})})
 
 
 def write_meta(records_dir: str | os.PathLike, meta: dict[str, Any]) -> None:
-    d = Path(records_dir).expanduser()
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".meta.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp, d / "meta.json")
+    atomic_write_text(Path(records_dir).expanduser() / "meta.json", json.dumps(meta, indent=2, sort_keys=True))
 
 
 def to_uint8(x01: torch.Tensor) -> torch.Tensor:
@@ -206,6 +194,7 @@ class RecordSourceDataModule(SRDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         _, ws, rank = self._context()
+        remove_stale_temps(Path(self.records_dir).expanduser())  # shards a killed writer left half-written
         todo = self.pending_shards(ws, rank)
         indices = [i for a, b in todo for i in range(a, b)]
         total = len(shard_ranges(self.num_records, self.shard_size))

@@ -24,6 +24,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from sr_lab.utils.atomic import atomic_save_image, atomic_write, atomic_write_text
+
 from .metrics import METRICS
 from .report import fmt
 
@@ -191,7 +193,7 @@ def _plot_matplotlib(pts, x: str, y: str, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
 
@@ -214,7 +216,7 @@ def _plot_pil(pts, x: str, y: str, path: Path, title: str) -> None:
         d.text((cx + 6, cy - 12), lab, fill="black")
     d.text((m, h - m + 20), f"{_axis_label(x)} (distortion): {x0:.4g} .. {x1:.4g}", fill="black")
     d.text((5, 5), f"{_y_title(y)}: {y0:.4g} .. {y1:.4g}   {title}", fill="black")
-    img.save(path)
+    atomic_save_image(path, img, format="PNG")
 
 
 def plot_pd(jobs: list[dict], path: str | Path, x: str = "psnr", y: str = "auto", title: str = "") -> Path | None:
@@ -249,12 +251,12 @@ def collect(sweep_dir: str | Path, metrics: list[str] | None = None, pd_x: str =
             raise ValueError(f"collect: unknown metric {n!r} (known: {', '.join(METRICS)})")
     rows = collect_rows(jobs, metrics)
     md = table_markdown(rows, metrics, title)
-    (root / "collected.md").write_text(md)
+    atomic_write_text(root / "collected.md", md)
     x, y = pd_axes(jobs, pd_x, pd_y)
     plot = plot_pd(jobs, root / "perception_distortion.png", pd_x, pd_y, title or "")
     out = {"sweep_dir": str(root), "metrics": metrics, "rows": rows, "pd_axes": [x, y],
            "plot": str(plot) if plot else None}
-    (root / "collected.json").write_text(json.dumps(out, indent=2))
+    atomic_write_text(root / "collected.json", json.dumps(out, indent=2))
     log.info("collected %d job(s) of %s:\n%s", len(rows), root, md)
     return out
 

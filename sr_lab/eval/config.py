@@ -15,7 +15,7 @@ from sr_lab.config.validation import ConfigError
 
 from .metrics import MANIQA_CHECKPOINTS, METRICS
 
-__all__ = ["validate_eval_config", "metric_names"]
+__all__ = ["validate_eval_config", "metric_names", "reference_metrics", "EvalInputError", "NO_REFERENCE"]
 
 FID_MODES = ("clean", "legacy_pytorch", "legacy_tensorflow")
 IMPLS = ("pyiqa", "sr_lab")
@@ -53,6 +53,20 @@ def _dir(cfg: DictConfig, key: str, required: bool = False) -> Path | None:
     if not p.is_dir():
         raise ConfigError(f"{key}={v} does not exist (or is not a folder)")
     return p
+
+
+class EvalInputError(ConfigError):
+    """Nothing to score (no SR image pairs with an HR image, or no SR image at all): exit 2."""
+    kind = "input error"
+
+
+#: the metrics that need no HR image
+NO_REFERENCE = tuple(n for n, m in METRICS.items() if m.kind == "nr")
+
+
+def reference_metrics(names: list[str]) -> list[str]:
+    """The requested metrics that need SR/HR pairs (full-reference per image, and the set-level FID)."""
+    return [n for n in names if n in METRICS and METRICS[n].kind in ("fr", "set")]
 
 
 def metric_names(cfg: DictConfig) -> list[str]:
@@ -142,4 +156,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
         _check_inference(cfg)
     else:
         _dir(cfg, "sr_dir", required=True)
-    # without hr_dir the reference metrics are reported unavailable; the no-reference ones still run
+    ref = reference_metrics(metric_names(cfg))
+    if ref and _get(cfg, "hr_dir") in (None, ""):  # only no-reference metrics run without HR images
+        raise ConfigError(f"hr_dir is required: metrics.names lists {', '.join(ref)}, which need SR/HR pairs "
+                          f"(give hr_dir=<HR folder>, or list only no-reference metrics: {', '.join(NO_REFERENCE)})")

@@ -92,9 +92,6 @@ def table_png(rows: list[tuple[str, list[np.ndarray | None]]], pad: int = 2,
 
 
 def save_png(img: np.ndarray, path: str | Path) -> Path:
-    from PIL import Image
+    from sr_lab.utils.atomic import atomic_save_image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path)
-    return path
+    return atomic_save_image(path, img, format="PNG")

@@ -69,8 +69,11 @@ def num_timesteps_of(checkpoint: str | Path) -> int:
     p = Path(str(checkpoint))
     for cand in (p / "config.yaml", p / "export" / "config.yaml"):
         if cand.is_file():
-            c = OmegaConf.load(cand)
-            t = OmegaConf.select(c, "schedule.num_timesteps") or OmegaConf.select(c, "backbone.num_train_timesteps")
+            try:
+                c = OmegaConf.load(cand)
+                t = OmegaConf.select(c, "schedule.num_timesteps") or OmegaConf.select(c, "backbone.num_train_timesteps")
+            except Exception:  # noqa: BLE001 - a broken config is reported (naming it) by the stage loader
+                return 1000
             if t:
                 return int(t)
     return 1000

@@ -16,10 +16,13 @@ Files written by :func:`write_reports` into the evaluation folder:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
+
+from sr_lab.utils.atomic import atomic_write_text
 
 from .metrics import METRICS
 from .score import EvalResult
@@ -103,11 +106,12 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     cols: list[str] = []
     for r in rows:
         cols += [c for c in r if c not in cols]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=cols)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    atomic_write_text(path, f.getvalue())
 
 
 def write_reports(result: EvalResult, out_dir: str | Path, names: list[str], extra: dict | None = None,
@@ -118,6 +122,6 @@ def write_reports(result: EvalResult, out_dir: str | Path, names: list[str], ext
     _write_csv(out / "per_image.csv", result.rows)
     _write_csv(out / "per_image_std.csv", result.std_rows)
     summary = summary_dict(result, names, extra)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=False))
-    (out / "summary.md").write_text(markdown_table(summary, title))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=False))
+    atomic_write_text(out / "summary.md", markdown_table(summary, title))
     return summary

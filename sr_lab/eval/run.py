@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from sr_lab.config.validation import ConfigError
 from sr_lab.train import CONF_DIR, finish_loggers
 
-from .config import metric_names, validate_eval_config
+from .config import EvalInputError, metric_names, reference_metrics, validate_eval_config
 from .image_table import save_png, table_cells, table_columns, table_png
 from .loggers import build_eval_loggers, job_name, log_scalars, log_table, task_overrides
 from .metrics import build_metrics
@@ -100,22 +100,63 @@ def _sr_root(cfg: DictConfig, out_dir: Path, extra: dict) -> Path:
     """The folder of SR runs: ``sr_dir``, or the output of inference run now (``run_inference``)."""
     if not cfg.run_inference:
         return Path(str(cfg.sr_dir)).expanduser()
+    from sr_lab.data.samples import find_images
+
     from .inference import run_inference_for_eval
+
+    # the SR images will be named after the LR inputs: check that those pair with HR before sampling
+    _check_pairs({str(cfg.lr_dir): find_images(cfg.lr_dir, recursive=False)}, cfg.get("hr_dir"), metric_names(cfg),
+                 "LR")
 
     sr_root, meta = run_inference_for_eval(cfg, out_dir)
     extra.update(_inference_extra(cfg, meta, sr_root))
     return sr_root
 
 
+def _check_pairs(sr_files: dict[str, list[str]], hr_dir: str | None, names: list[str], what: str) -> None:
+    """Before any metric network is built (or any inference run): with reference metrics requested, some
+    file of ``sr_files`` (folder -> its images) must pair with an HR image by stem."""
+    from sr_lab.data.paired import pair_files
+    from sr_lab.data.samples import find_images
+
+    ref = reference_metrics(names)
+    if not ref or not hr_dir:
+        return
+    hr_files = find_images(hr_dir, recursive=False)
+    if not any(pair_files(hr_files, files).pairs for files in sr_files.values()):
+        folders = ", ".join(sr_files) or "(none)"
+        n = sum(len(f) for f in sr_files.values())
+        raise EvalInputError(f"no {what} image in {folders} ({n} file(s)) pairs with an HR image in {hr_dir} "
+                             f"({len(hr_files)} file(s)); files pair by stem (_HR/_LR/_x4 suffixes tolerated): "
+                             f"{', '.join(ref)} need SR/HR pairs")
+
+
+def _check_scored(result, sr_root: Path, hr_dir: str | None) -> None:
+    """After scoring: at least one image was scored, else every metric would be n/a."""
+    if result.rows:
+        return
+    if hr_dir:
+        raise EvalInputError(f"nothing scored: no SR image in {sr_root} pairs with an HR image in {hr_dir} of the "
+                             f"same size (see the warnings above)")
+    raise EvalInputError(f"nothing scored: no SR image in {sr_root}")
+
+
 def _score(cfg: DictConfig, sr_root: Path, names: list[str]):
+    from sr_lab.data.samples import find_images
+
     runs = discover_runs(sr_root)
+    _check_pairs({str(r.sr_dir): find_images(r.sr_dir, recursive=False) for r in runs}, cfg.get("hr_dir"), names,
+                 "SR")
     log.info("scoring %d run(s) in %s against %s: %s", len(runs), sr_root, cfg.get("hr_dir"), ", ".join(names))
     metrics, cross, unavailable = build_metrics(
         names, device=resolve_device(str(cfg.metrics.device)), weights_dir=cfg.metrics.get("weights_dir"),
         maniqa_checkpoint=str(cfg.metrics.maniqa_checkpoint), psnr_ssim_impl=str(cfg.metrics.psnr_ssim_impl))
     fid_opts = {k: cfg.metrics.fid[k] for k in ("batch_size", "num_workers", "mode")}
-    return score_runs(runs, cfg.get("hr_dir"), metrics, cross, unavailable, crop_border=int(cfg.metrics.crop_border),
-                      crop_all=bool(cfg.metrics.crop_all), fid_opts=fid_opts, l_std_crop=int(cfg.stability.crop_border))
+    result = score_runs(runs, cfg.get("hr_dir"), metrics, cross, unavailable, crop_border=int(cfg.metrics.crop_border),
+                        crop_all=bool(cfg.metrics.crop_all), fid_opts=fid_opts,
+                        l_std_crop=int(cfg.stability.crop_border))
+    _check_scored(result, sr_root, cfg.get("hr_dir"))
+    return result
 
 
 def _publish(cfg: DictConfig, result, summary: dict, out_dir: Path, loggers: list) -> None:
@@ -153,9 +194,10 @@ def _record_failed_job(cfg: DictConfig, kind: str, exc: Exception) -> None:
     """In a multirun, a job with a bad value is recorded (``failed.json``, shown by sr-collect) and the
     sweep goes on with the other jobs instead of stopping."""
     out = Path(str(cfg.paths.output_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "failed.json").write_text(json.dumps({"error": f"{kind}: {exc}", "variant": cfg.get("variant"),
-                                                 "overrides": task_overrides()}, indent=2))
+    from sr_lab.utils.atomic import atomic_write_text
+
+    atomic_write_text(out / "failed.json", json.dumps({"error": f"{kind}: {exc}", "variant": cfg.get("variant"),
+                                                       "overrides": task_overrides()}, indent=2))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
@@ -163,21 +205,30 @@ def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from sr_lab.utils.cli import error_kind, report_cli_error
     from sr_lab.inference.stage import StageLoadError
 
     try:
         run_eval(cfg)
     except (ConfigError, StageLoadError) as exc:
-        kind = "config error" if isinstance(exc, ConfigError) else "checkpoint error"
-        log.error("%s: %s", kind, exc)
+        kind = error_kind(exc)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error("%s: %s", kind, exc)
             _record_failed_job(cfg, kind, exc)
             return
-        print(f"{kind}: {exc}", file=sys.stderr)
+        report_cli_error(log, exc)  # once on stderr (and in the job's log file)
         sys.exit(2)
 
 
 def main() -> None:
+    from sr_lab.inference.run import OutputDirError, check_run_dir_before_hydra
+    from sr_lab.utils.cli import error_kind
+
+    try:
+        check_run_dir_before_hydra(sys.argv[1:], "eval", ("hydra.run.dir",))
+    except OutputDirError as exc:
+        print(f"{error_kind(exc)}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     _hydra_main()
 
 

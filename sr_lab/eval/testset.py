@@ -150,11 +150,10 @@ def _degrade(deg, hr: torch.Tensor, g: torch.Generator) -> tuple[dict, dict]:
 
 
 def _save(arr01: torch.Tensor, path: Path) -> None:
-    from PIL import Image
+    from sr_lab.utils.atomic import atomic_save_image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     a = (arr01[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(a).save(path)
+    atomic_save_image(path, a, format="PNG")
 
 
 def make_testset(cfg: DictConfig) -> Path:
@@ -165,6 +164,9 @@ def make_testset(cfg: DictConfig) -> Path:
     validate_testset_config(cfg)
     files = _sources(cfg)
     out = Path(str(cfg.out_dir)).expanduser()
+    from sr_lab.utils.atomic import remove_stale_temps
+    for d in (out, out / "HR", out / "LR"):  # temporary files of a killed run
+        remove_stale_temps(d)
     device = torch.device("cuda" if str(cfg.device) == "auto" and torch.cuda.is_available() else
                           ("cpu" if str(cfg.device) == "auto" else str(cfg.device)))
     try:
@@ -216,8 +218,9 @@ def make_testset(cfg: DictConfig) -> Path:
         "hr_dirs": OmegaConf.to_container(cfg.hr_dirs) if OmegaConf.is_config(cfg.get("hr_dirs")) else cfg.get("hr_dirs"),
         "pairs": pairs, "skipped": skipped,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(json.dumps(_jsonable(manifest), indent=2))
+    from sr_lab.utils.atomic import atomic_write_text
+
+    atomic_write_text(out / "manifest.json", json.dumps(_jsonable(manifest), indent=2))
     log.info("wrote %d HR/LR pair(s) to %s (%d input(s) skipped)", len(pairs), out, len(skipped))
     if not pairs:
         raise ConfigError(f"no pair written: every input was skipped ({len(skipped)}), see the log")

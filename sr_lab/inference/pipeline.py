@@ -75,14 +75,14 @@ def seed_generators(seeds: Sequence[int], rows_per_seed: int, device: torch.devi
 
 
 class _StepCounter:
-    """Wraps a model to tick a progress bar once per denoiser call (= one sampler step)."""
+    """Wraps a model to report every denoiser call (= one sampler step of all rows) to ``on_call``."""
 
-    def __init__(self, model: Callable, bar):
-        self.model, self.bar = model, bar
+    def __init__(self, model: Callable, on_call: Callable[[], None]):
+        self.model, self.on_call = model, on_call
 
     def __call__(self, x, t, cond):
         out = self.model(x, t, cond)
-        self.bar.update(1)
+        self.on_call()
         return out
 
 
@@ -102,14 +102,16 @@ class SRPipeline:
         tile, vae_tile: :class:`TileSettings`, :class:`VAETileSettings`.
         precision: "32" or "bf16" (autocast).
         seed_batch: seeds per sampling call (None = all at once).
-        progress: show a per-step progress bar.
+        progress: ``False``; ``True`` / ``"bar"`` / ``"log"``: progress of each call (total: images ×
+            seeds × model calls, :mod:`sr_lab.inference.progress`); or an
+            :class:`~sr_lab.inference.progress.InferenceProgress` shared across calls (``sr-infer``).
     """
 
     def __init__(self, stage, sampler: Callable, *, decoder_stage=None, decoder_w: float | None = None,
                  upscale: int = 4, start: str | None = None, cfg_scale: float = 1.0, negative_prompt: str = "",
                  prompt: str | None = None, color_fix: str = "none", wavelet_levels: int = 5,
                  tile: TileSettings | None = None, vae_tile: VAETileSettings | None = None,
-                 precision: str = "32", seed_batch: int | None = None, progress: bool = False):
+                 precision: str = "32", seed_batch: int | None = None, progress=False):
         if start is not None and start not in STARTS:
             raise ValueError(f"start={start!r} must be one of {STARTS} (or None: the stage's own)")
         if color_fix not in COLOR_FIX_METHODS:
@@ -176,11 +178,25 @@ class SRPipeline:
             up = F.pad(up, (0, pw, 0, ph), mode=mode)
         return up, size
 
-    def _model(self, bar) -> Callable:
+    def _model(self, reporter) -> Callable:
         model = classifier_free_guidance(self.stage.denoise, self.cfg_scale)
         if self.tile.enabled:
             model = TiledModel(model, self.tile.size, self.tile.overlap, self.tile.batch)
-        return _StepCounter(model, bar) if bar is not None else model
+        return _StepCounter(model, reporter.model_call) if reporter is not None else model
+
+    def _reporter(self, images: int, seeds: Sequence[int]):
+        """(progress reporter or None, whether this call owns it)."""
+        if not self.progress:
+            return None, False
+        if hasattr(self.progress, "model_call"):
+            return self.progress, False
+        from sr_lab.inference.progress import InferenceProgress
+
+        try:
+            calls = self.model_calls()
+        except Exception:  # noqa: BLE001 - a plain callable sampler: no known timestep list
+            calls = None
+        return InferenceProgress(images, seeds, calls, self.progress, desc="sampling", leave=False), True
 
     def _decode(self, latent: torch.Tensor, image_cond: torch.Tensor) -> torch.Tensor:
         decoder = self.decoder_stage if self.decoder_stage is not None else self.stage
@@ -212,28 +228,27 @@ class SRPipeline:
 
         per_call = len(seeds) if self.seed_batch is None else int(self.seed_batch)
         outputs = []
-        for i in range(0, len(seeds), per_call):
-            chunk = seeds[i:i + per_call]
-            n = len(chunk)
-            gens = seed_generators(chunk, b, dev)
-            x_t = start_latent(self.backbone, cond, start, gens, repeat=n, z_lr=z_lr)
-            cond_n = repeat_rows(cond, b, n)
-            bar = None
-            if self.progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(desc=f"sampling seeds {chunk[0]}..{chunk[-1]}" if n > 1 else f"sampling seed {chunk[0]}",
-                           unit="step", leave=False, position=1)
-            try:
+        reporter, own = self._reporter(b, seeds)
+        try:
+            for i in range(0, len(seeds), per_call):
+                chunk = seeds[i:i + per_call]
+                n = len(chunk)
+                gens = seed_generators(chunk, b, dev)
+                x_t = start_latent(self.backbone, cond, start, gens, repeat=n, z_lr=z_lr)
+                cond_n = repeat_rows(cond, b, n)
+                if reporter is not None:
+                    reporter.begin_chunk(chunk, b)
                 with self._autocast():
-                    x0 = self.sampler(self._model(bar), x_t, cond_n, abar, generator=gens)
-            finally:
-                if bar is not None:
-                    bar.close()
-            for k in range(n):  # decode one seed (B images) at a time
-                with self._autocast():
-                    sr = self._decode(x0[k * b:(k + 1) * b].float(), up).float()
-                sr = sr[..., :height, :width]
-                sr = apply_color_fix(sr, lr01, self.color_fix, self.wavelet_levels).clamp(0, 1)
-                outputs.append(sr.cpu())
+                    x0 = self.sampler(self._model(reporter), x_t, cond_n, abar, generator=gens)
+                for k in range(n):  # decode one seed (B images) at a time
+                    with self._autocast():
+                        sr = self._decode(x0[k * b:(k + 1) * b].float(), up).float()
+                    sr = sr[..., :height, :width]
+                    sr = apply_color_fix(sr, lr01, self.color_fix, self.wavelet_levels).clamp(0, 1)
+                    outputs.append(sr.cpu())
+                if reporter is not None:
+                    reporter.end_chunk()
+        finally:
+            if own:
+                reporter.close()
         return torch.stack(outputs)

@@ -12,8 +12,13 @@ Output layout (a contract the evaluation code relies on):
 
 The config is validated before any model is built (one line naming the key, ``ConfigError``); odd
 inputs (grayscale, RGBA, palette, 16-bit) are converted by :func:`sr_lab.data.images.read_rgb_uint8`,
-unreadable/truncated ones are skipped with a warning and listed at the end. :func:`run_inference` is
-the in-process entry point.
+unreadable/truncated ones are skipped with a warning and listed at the end (``skipped`` in run.json).
+Before any tensor is read: the stage kinds (``checkpoint=`` denoises, ``decoder_checkpoint=`` decodes,
+from the stored configs), ``output_dir`` and every ``seed_<k>/`` (created and probe-written; for the CLI
+``output_dir`` is probed before Hydra opens its log file there) and a single input file (decoded).
+Every such failure — and a folder none of whose images could be read — is one line on stderr
+(``config error:`` / ``input error:`` / ``output error:`` / ``checkpoint error:``) and exit status 2.
+Progress: :mod:`sr_lab.inference.progress`. :func:`run_inference` is the in-process entry point.
 """
 from __future__ import annotations
 
@@ -21,7 +26,6 @@ import datetime as _dt
 import inspect
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +36,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sr_lab.utils.cli import error_kind, report_cli_error  # noqa: F401 - re-exported
 from sr_lab.config.validation import ConfigError
 from sr_lab.inference.color_fix import METHODS as COLOR_FIX_METHODS
+from sr_lab.inference.progress import MODES as PROGRESS_MODES
 from sr_lab.inference.stage import StageLoadError
 from sr_lab.train import CONF_DIR
 from sr_lab.utils.device import device_name
@@ -43,6 +49,50 @@ log = logging.getLogger("sr_lab.infer")
 STARTS = ("noise", "lr")
 PRECISIONS = ("32", "bf16")
 SAMPLER_KNOBS = ("steps", "eta", "t_max", "t_min")
+
+
+class InferInputError(ConfigError):
+    """No input can be read (a single unreadable file, or a folder of only unreadable ones): exit 2."""
+    kind = "input error"
+
+
+class OutputDirError(ConfigError):
+    """``output_dir`` (or a ``seed_<k>/`` folder in it) cannot be created or written: exit 2."""
+    kind = "output error"
+
+
+def check_writable_dir(path: str | Path, what: str | None = None) -> Path:
+    """Create ``path`` (with its parents) and write + remove a small temporary file in it; a folder that
+    cannot be created or written is an :class:`OutputDirError` starting with ``what`` (default
+    ``output_dir=<path>``) and saying why."""
+    import os
+    import tempfile
+
+    what = what or f"output_dir={path}"
+    p = Path(str(path)).expanduser()
+    blocker = next((a for a in (p, *p.parents) if a.exists() or a.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
+        why = "is not a folder" if blocker == p else f"cannot be created: {blocker} is not a folder"
+        raise OutputDirError(f"{what} {why}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".sr-infer-probe.", suffix=".tmp", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(p) else ""
+        raise OutputDirError(f"{what} cannot be created or written: {reason}{where}") from None
+    return p
+
+
+def prepare_output_dirs(output_dir: str | Path, seeds: list[int]) -> Path:
+    """``output_dir`` and every ``seed_<k>/`` in it, created and probe-written before any model is loaded
+    (an unwritable folder must not lose the sampled images at the end of the run)."""
+    out = check_writable_dir(output_dir)
+    for seed in seeds:
+        check_writable_dir(out / f"seed_{seed}", f"seed folder {out / f'seed_{seed}'} (output_dir={output_dir})")
+    return out
 
 
 # -- validation (no model is built here) ----------------------------------------------------------
@@ -149,6 +199,10 @@ def validate_infer_config(cfg: DictConfig) -> None:
             for k, v in (("size", size), ("overlap", overlap)):
                 if v % 8:
                     raise ConfigError(f"vae_tile.{k}={v} must be a multiple of the VAE factor 8")
+    prog = _get(cfg, "progress", True)
+    if not any(prog is m or (isinstance(m, str) and prog == m) for m in PROGRESS_MODES):
+        raise ConfigError(f"progress={prog} must be true / auto (a bar on a terminal, log lines otherwise), false / "
+                          f"none, bar or log")
     tb = _get(cfg, "tile.batch", 1)
     if not (_is_int(tb) and tb >= 1):
         raise ConfigError(f"tile.batch={tb} must be a positive integer")
@@ -250,17 +304,54 @@ def stage_capabilities(stage_cfg: DictConfig) -> frozenset:
     return frozenset(getattr(cls, "capabilities", ()))
 
 
-def _check_stage_kinds(cfg: DictConfig, src, dec_src) -> None:
-    caps = stage_capabilities(src.config)
-    task = src.config.get("task_name", "?")
-    if "denoise" not in caps:
-        hint = " (a decoder stage: give it as decoder_checkpoint=)" if "decoder" in caps else ""
-        raise ConfigError(f"checkpoint={cfg.checkpoint} is a {task} stage that does not denoise{hint}; checkpoint= "
-                          f"takes a diffusion stage (e.g. ccsr_stage1, stablesr_stage1)")
-    if dec_src is not None and "decoder" not in stage_capabilities(dec_src.config):
-        raise ConfigError(f"decoder_checkpoint={cfg.decoder_checkpoint} is a {dec_src.config.get('task_name', '?')} "
-                          f"stage without a trained decoder; decoder_checkpoint= takes a decoder stage "
+def peek_stage_config(source: Any) -> DictConfig | None:
+    """The stored config of an export folder, read alone (no tensor is loaded), when its ``module`` target
+    is allow-listed; ``None`` for a ``.ckpt`` (its config comes with its tensors) or anything
+    :func:`~sr_lab.modules.stage_io.read_stage_source` will report."""
+    from sr_lab.config.safe_instantiate import check_targets
+    from sr_lab.modules.stage_io import _resolve, describe_stage_path
+
+    if source in (None, "") or describe_stage_path(source):
+        return None
+    p = _resolve(source)
+    if not p.is_dir():
+        return None
+    try:
+        stored = OmegaConf.load(p / "config.yaml")
+        if not isinstance(stored, DictConfig) or "module" not in stored:
+            return None
+        check_targets(stored.module, "stored config", key="module")
+    except Exception:  # noqa: BLE001 - reported by read_stage_source, naming the file
+        return None
+    return stored
+
+
+def _check_stage_kinds(cfg: DictConfig, stage_cfg: DictConfig | None, dec_cfg: DictConfig | None,
+                       sources: tuple = (None, None)) -> None:
+    """``checkpoint=`` takes a stage that denoises, ``decoder_checkpoint=`` one with a trained decoder (one
+    line each, from the stored configs; ``None``: not known yet). ``sources``: the read
+    :class:`StageSource` s, whose config file is named when it has no module."""
+    for key, stored, src in (("checkpoint", stage_cfg, sources[0]), ("decoder_checkpoint", dec_cfg, sources[1])):
+        if stored is not None and src is not None and not OmegaConf.select(stored, "module._target_", default=None):
+            raise StageLoadError(f"{src.config_file}: stored config has no module._target_ ({key}= takes the "
+                                 f"export of an sr_lab stage)")
+    if stage_cfg is not None:
+        caps = stage_capabilities(stage_cfg)
+        task = stage_cfg.get("task_name", "?")
+        if "denoise" not in caps:
+            hint = " (a decoder stage: give it as decoder_checkpoint=)" if "decoder" in caps else ""
+            raise ConfigError(f"checkpoint={cfg.checkpoint} is a {task} stage that does not denoise{hint}; "
+                              f"checkpoint= takes a diffusion stage (e.g. ccsr_stage1, stablesr_stage1)")
+    if dec_cfg is not None and "decoder" not in stage_capabilities(dec_cfg):
+        hint = " (a diffusion stage: give it as checkpoint=)" if "denoise" in stage_capabilities(dec_cfg) else ""
+        raise ConfigError(f"decoder_checkpoint={cfg.decoder_checkpoint} is a {dec_cfg.get('task_name', '?')} "
+                          f"stage without a trained decoder{hint}; decoder_checkpoint= takes a decoder stage "
                           f"(stablesr_cfw, ccsr_stage2) and checkpoint= the diffusion stage")
+
+
+def _stored_config_error(src, exc: Exception) -> StageLoadError:
+    return StageLoadError(f"{src.config_file}: stored config does not resolve ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:200]})")
 
 
 def to_uint8(img01: torch.Tensor) -> np.ndarray:
@@ -269,22 +360,24 @@ def to_uint8(img01: torch.Tensor) -> np.ndarray:
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
+    from sr_lab.utils.atomic import atomic_save_image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_save_image(path, array, format="PNG")
 
 
 # -- the run ------------------------------------------------------------------------------------------
 def run_inference(cfg: DictConfig) -> Path:
-    """Validate, load the stage(s), super-resolve every input for every seed; returns the output dir."""
-    from tqdm.auto import tqdm
+    """Validate, load the stage(s), super-resolve every input for every seed; returns the output dir.
+
+    Everything that can fail cheaply fails before any tensor is read: the config, the inputs, the kinds
+    of the stages (from their stored configs), the output folders (created and probe-written), a
+    single input file (decoded)."""
+    from omegaconf.errors import OmegaConfBaseException
 
     import sr_lab
     from sr_lab.data.images import ImageReadError, read_rgb_uint8
     from sr_lab.inference.pipeline import SRPipeline, TileSettings, VAETileSettings
+    from sr_lab.inference.progress import InferenceProgress
     from sr_lab.inference.stage import build_stage, read_stage_source
 
     t_start = time.perf_counter()
@@ -295,15 +388,29 @@ def run_inference(cfg: DictConfig) -> Path:
     ema = cfg.get("ema", True)
     if not isinstance(ema, bool):
         raise ConfigError(f"ema={ema} must be true (EMA weights when the stage has them) or false (raw)")
+    has_decoder = cfg.get("decoder_checkpoint") not in (None, "")
+    _check_stage_kinds(cfg, peek_stage_config(cfg.checkpoint),
+                       peek_stage_config(cfg.decoder_checkpoint) if has_decoder else None)
+    preread: dict[Path, tuple[np.ndarray, str | None]] = {}
+    if len(inputs) == 1 and Path(str(cfg.input)).expanduser().is_file():  # nothing to skip to: fail now
+        try:
+            preread[inputs[0][0]] = read_rgb_uint8(inputs[0][0])
+        except ImageReadError as exc:
+            raise InferInputError(f"input={cfg.input} cannot be read: {exc.reason}") from None
+    out_dir = prepare_output_dirs(cfg.output_dir, seeds)
     src = read_stage_source(cfg.checkpoint, ema=ema)
-    sampler_cfg = effective_sampler_config(cfg.get("sampler"), src.config)
-    timesteps = check_sampler_against_stage(sampler_cfg, src.config)
-    dec_src = read_stage_source(cfg.decoder_checkpoint, ema=ema) if cfg.get("decoder_checkpoint") else None
-    _check_stage_kinds(cfg, src, dec_src)
-    upscale = int(cfg.upscale if cfg.get("upscale") is not None else (src.config.get("upscale") or 4))
+    dec_src = read_stage_source(cfg.decoder_checkpoint, ema=ema) if has_decoder else None
+    _check_stage_kinds(cfg, src.config, dec_src.config if dec_src is not None else None, (src, dec_src))
+    try:
+        sampler_cfg = effective_sampler_config(cfg.get("sampler"), src.config)
+        timesteps = check_sampler_against_stage(sampler_cfg, src.config)
+        upscale = int(cfg.upscale if cfg.get("upscale") is not None else (src.config.get("upscale") or 4))
+    except OmegaConfBaseException as exc:
+        raise _stored_config_error(src, exc) from None
     device = resolve_device(str(cfg.device))
-    out_dir = Path(str(cfg.output_dir)).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from sr_lab.utils.atomic import atomic_write_text, remove_stale_temps
+    for d in [out_dir, *out_dir.glob("seed_*")]:  # temporary files of a killed run (run.json, seed_*/ images)
+        remove_stale_temps(d, recursive=d != out_dir)
 
     # models
     stage = build_stage(src, device)
@@ -316,7 +423,7 @@ def run_inference(cfg: DictConfig) -> Path:
         tile=TileSettings(bool(cfg.tile.enabled), int(cfg.tile.size), int(cfg.tile.overlap),
                           int(cfg.tile.get("batch", 4))),
         vae_tile=VAETileSettings(bool(cfg.vae_tile.enabled), int(cfg.vae_tile.size), int(cfg.vae_tile.overlap)),
-        precision=str(cfg.precision), seed_batch=cfg.get("seed_batch"), progress=bool(cfg.get("progress", True)))
+        precision=str(cfg.precision), seed_batch=cfg.get("seed_batch"))
     load_s = time.perf_counter() - t_start
     log.info("stage %s (%s) on %s; sampler %s; %d inputs x %d seeds -> %s", src.path, type(stage).__name__,
              device, sampler_cfg, len(inputs), len(seeds), out_dir)
@@ -324,12 +431,16 @@ def run_inference(cfg: DictConfig) -> Path:
     records: list[dict] = []
     skipped: list[dict] = []
     batch: list[tuple[Path, str, np.ndarray, str | None]] = []
-    bar = tqdm(total=len(inputs), unit="img", desc="sr-infer", disable=not cfg.get("progress", True))
+    index = {path: i for i, (path, _) in enumerate(inputs)}
+    progress = pipe.progress = InferenceProgress(len(inputs), seeds, len(timesteps), cfg.get("progress", True),
+                                                 logger=log)
 
     def flush() -> None:
         if not batch:
             return
         lr = torch.stack([torch.from_numpy(np.array(a)).permute(2, 0, 1) for _, _, a, _ in batch]).float() / 255.0
+        first, last = index[batch[0][0]], index[batch[-1][0]]
+        progress.set_images(first, last - first + 1, len(inputs))
         t0 = time.perf_counter()
         sr = pipe(lr, seeds)  # (S, B, 3, H, W)
         if device.type == "cuda":
@@ -344,26 +455,30 @@ def run_inference(cfg: DictConfig) -> Path:
             records.append({"input": str(path), "outputs": outs, "lr_size": [arr.shape[0], arr.shape[1]],
                             "sr_size": [int(sr.shape[-2]), int(sr.shape[-1])], "seconds": round(per_image, 4),
                             "note": note})
-        bar.update(len(batch))
         batch.clear()
 
     t_inf = time.perf_counter()
-    for path, name in inputs:
-        try:
-            arr, note = read_rgb_uint8(path)
-        except ImageReadError as exc:
-            log.warning("skipping %s: %s", path, exc.reason)
-            skipped.append({"input": str(path), "reason": exc.reason})
-            bar.update(1)
-            continue
-        if note:
-            log.info("%s: %s", path, note)
-        if batch and (batch[0][2].shape != arr.shape or len(batch) >= int(cfg.batch_size)):
-            flush()
-        batch.append((path, name, arr, note))
-    flush()
-    bar.close()
+    try:
+        for path, name in inputs:
+            try:
+                arr, note = preread.pop(path) if path in preread else read_rgb_uint8(path)
+            except ImageReadError as exc:
+                log.warning("skipping %s: %s", path, exc.reason)
+                skipped.append({"input": str(path), "reason": exc.reason})
+                progress.skip(1)
+                continue
+            if note:
+                log.info("%s: %s", path, note)
+            if batch and (batch[0][2].shape != arr.shape or len(batch) >= int(cfg.batch_size)):
+                flush()
+            batch.append((path, name, arr, note))
+        flush()
+    finally:
+        progress.close()
     inference_s = time.perf_counter() - t_inf
+    if not records:
+        raise InferInputError(f"input={cfg.input}: none of its {len(skipped)} image(s) could be read "
+                              f"(first: {skipped[0]['input']}: {skipped[0]['reason']})")
 
     if skipped:
         log.warning("skipped %d unreadable input(s): %s", len(skipped), ", ".join(s["input"] for s in skipped))
@@ -390,9 +505,7 @@ def run_inference(cfg: DictConfig) -> Path:
                     "total_s": round(time.perf_counter() - t_start, 3),
                     "per_image_s": round(inference_s / len(records), 4) if records else None},
     }
-    tmp = out_dir / "run.json.tmp"
-    tmp.write_text(json.dumps(sidecar, indent=2))
-    os.replace(tmp, out_dir / "run.json")
+    atomic_write_text(out_dir / "run.json", json.dumps(sidecar, indent=2))
     log.info("wrote %d image(s) x %d seed(s) to %s (%.1f s)", len(records), len(seeds), out_dir,
              sidecar["timings"]["total_s"])
     return out_dir
@@ -402,17 +515,63 @@ def run_inference(cfg: DictConfig) -> Path:
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         run_inference(cfg)
-    except ConfigError as exc:
-        log.error("config error: %s", exc)
-        print(f"config error: {exc}", file=sys.stderr)
+    except (ConfigError, StageLoadError) as exc:
+        report_cli_error(log, exc)
         sys.exit(2)
-    except StageLoadError as exc:
-        log.error("checkpoint error: %s", exc)
-        print(f"checkpoint error: {exc}", file=sys.stderr)
-        sys.exit(2)
+
+
+def _override(argv: list[str], key: str) -> str | None:
+    """The value of the last ``key=`` / ``+key=`` / ``++key=`` override on the command line (quotes removed)."""
+    for arg in reversed(argv):
+        for prefix in (f"{key}=", f"+{key}=", f"++{key}="):
+            if arg.startswith(prefix):
+                value = arg[len(prefix):]
+                if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                    value = value[1:-1]
+                return value
+    return None
+
+
+def _static_prefix(path: str) -> str:
+    """The folder part of ``path`` before its first interpolation (``outputs/infer/${now:...}`` ->
+    ``outputs/infer``); the path itself when it has none."""
+    if "${" not in path:
+        return path
+    head = path[:path.index("${")]
+    return head[:head.rfind("/") + 1] if "/" in head else "."
+
+
+def check_run_dir_before_hydra(argv: list[str], config_name: str, keys: tuple[str, ...]) -> None:
+    """Hydra creates its run folder and opens its log file there before any code of ours runs, so an
+    unwritable ``output_dir`` would be a Hydra traceback: probe the folder the command line names (the
+    first of ``keys`` that is set, else the config's default, up to its first interpolation) and raise
+    :class:`OutputDirError`. Skipped when Hydra flags are given (``--help``, ``--cfg``, ``-m`` …)."""
+    if any(a.startswith("-") for a in argv):
+        return
+    for key in keys:
+        value = _override(argv, key)
+        if value is not None:
+            break
+    else:
+        key = keys[-1]
+        try:
+            value = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / f"{config_name}.yaml"),
+                                           resolve=False)
+            for part in key.split("."):
+                value = value[part]
+        except Exception:  # noqa: BLE001 - the config itself is Hydra's to report
+            return
+    if not isinstance(value, str) or not value.strip() or value.strip() in ("null", "???"):
+        return
+    check_writable_dir(_static_prefix(value), f"{key}={value}")
 
 
 def main() -> None:
+    try:
+        check_run_dir_before_hydra(sys.argv[1:], "infer", ("hydra.run.dir", "output_dir"))
+    except OutputDirError as exc:
+        print(f"{error_kind(exc)}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     _hydra_main()
 
 

@@ -41,7 +41,7 @@ from sr_lab.config.safe_instantiate import UnsafeTarget, check_targets, safe_ins
 log = logging.getLogger(__name__)
 
 __all__ = ["EMA_FILE", "EMA_STATE_KEY", "StageLoadError", "StageSource", "describe_stage_path", "read_stage_source",
-           "build_stage", "load_stage", "load_frozen_stage"]
+           "build_stage", "load_stage", "load_frozen_stage", "stored_config_file"]
 
 EMA_FILE = "trainable_ema.safetensors"  # the EMA weights next to trainable.safetensors in an export
 EMA_STATE_KEY = "sr_lab.EMA"            # the EMA callback's state key in a Lightning checkpoint
@@ -60,6 +60,11 @@ class StageSource:
     state: dict[str, torch.Tensor]   # the stored trainable tensors
     ema: bool = False                # the tensors are the EMA weights (trainable_ema / the ckpt's EMA state)
 
+    @property
+    def config_file(self) -> Path:
+        """The file the stored config comes from (an export's ``config.yaml``, else the ``.ckpt``)."""
+        return stored_config_file(self.path)
+
     def sub_state(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors under ``prefix.`` with the prefix stripped."""
         p = prefix + "."
@@ -76,12 +81,25 @@ def _resolve(source: str | Path) -> Path:
     return p
 
 
+def stored_config_file(weights: str | Path) -> Path:
+    """Where the config of the stage whose tensors are in ``weights`` is stored: the ``config.yaml`` next to
+    a ``.safetensors`` file, else the checkpoint itself (errors about the config name this file)."""
+    p = Path(weights)
+    return p.parent / "config.yaml" if p.suffix == ".safetensors" else p
+
+
 def describe_stage_path(path: str | Path) -> str | None:
     """``None`` if ``path`` looks like a readable stage (no file is parsed), else a one-line reason."""
     p = _resolve(path)
     if not p.exists():
         return f"{path} does not exist ({HOW})"
     if p.is_dir():
+        named = Path(str(path)).expanduser()
+        if named.is_file() and named.suffix == ".safetensors":  # read with the config.yaml of its folder
+            if not (p / "config.yaml").is_file():
+                return (f"{named}: its folder {p} lacks config.yaml (a .safetensors file is read as part of an "
+                        f"export; {HOW})")
+            return None
         missing = [n for n in ("config.yaml", "trainable.safetensors") if not (p / n).is_file()]
         return f"{p} lacks {' and '.join(missing)} ({HOW})" if missing else None
     if p.suffix != ".ckpt":
@@ -102,9 +120,9 @@ def _check_stored_targets(src: StageSource) -> StageSource:
         try:
             check_targets(src.config[key], "stored config", key=key)
         except UnsafeTarget as exc:
-            raise StageLoadError(f"{src.path}: {exc}") from exc
+            raise StageLoadError(f"{src.config_file}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001 - e.g. the node itself does not resolve
-            raise StageLoadError(f"{src.path}: stored config refuses {key} (cannot be resolved: "
+            raise StageLoadError(f"{src.config_file}: stored config refuses {key} (cannot be resolved: "
                                  f"{type(exc).__name__})") from exc
     return src
 
@@ -161,7 +179,7 @@ def build_stage(src: StageSource, device: str | torch.device | None = "cpu", dty
     names) and restore ``src.state`` strictly. Frozen and in eval mode unless ``trainable``: then exactly
     the stored tensors train. ``device=None`` leaves the module where it was built."""
     if "module" not in src.config:
-        raise StageLoadError(f"{src.path}: stored config has no 'module' section")
+        raise StageLoadError(f"{src.config_file}: stored config has no 'module' section")
     if backbone is not None:
         ours, theirs = getattr(backbone, "name", "?"), _backbone_name(src.config)
         if theirs and ours != theirs:
@@ -170,7 +188,7 @@ def build_stage(src: StageSource, device: str | torch.device | None = "cpu", dty
         kwargs = {"backbone": backbone} if backbone is not None else {}
         module = safe_instantiate(src.config.module, where="stored config", **kwargs)
     except UnsafeTarget as exc:
-        raise StageLoadError(f"{src.path}: {exc}") from exc
+        raise StageLoadError(f"{src.config_file}: {exc}") from exc
     own = module.state_dict()
     # tensors of parts a stage builds only to train (AddSR's discriminator heads) are skipped when the
     # rebuilt module does not hold those parts

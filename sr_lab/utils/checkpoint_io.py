@@ -1,14 +1,15 @@
 """Checkpoint I/O: atomic writes and ``weights_only`` loads.
 
-Lightning checkpoints are written to a temporary file in the target folder, flushed to disk and moved
-into place with ``os.replace`` (atomic on POSIX): an interrupted save never leaves a truncated file.
+Lightning checkpoints (the step checkpoints and ``last.ckpt``: ``ModelCheckpoint(save_last=True)`` saves
+``last.ckpt`` through ``trainer.save_checkpoint`` as well, so through this plugin) are written with
+:func:`sr_lab.utils.atomic.atomic_write`: a temporary file in the target folder, flushed to disk, given
+the umask's mode and moved into place with ``os.replace`` (atomic on POSIX). An interrupted save never
+leaves a truncated file, and a kill during a save leaves the earlier ``last.ckpt`` as it was.
 They are read back with ``torch.load(weights_only=True)``, so a checkpoint cannot execute code.
 Which tensors a checkpoint holds is decided by the LightningModule (trainable weights only).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +17,9 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from sr_lab.utils.atomic import atomic_torch_save
 
-def atomic_torch_save(obj: Any, path: _PATH) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+__all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+from sr_lab.utils.atomic import atomic_save_image
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def log_image(trainer, key: str, image: np.ndarray, caption: str = "") -> Path |
         root = Path(log_dir or trainer.default_root_dir) / "images"
         root.mkdir(parents=True, exist_ok=True)
         path = root / f"{key.replace('/', '_')}_step{step:07d}.png"
-        Image.fromarray(image).save(path)
+        atomic_save_image(path, image, format="PNG")
     for logger in trainer.loggers:
         name = type(logger).__name__
         try:

@@ -40,14 +40,17 @@ from sr_lab.diffusion.timesteps import space_timesteps
 
 log = logging.getLogger(__name__)
 CHAINS = ("continuous", "authors")
+_WARNED_STEPS: set[int] = set()
 
 
 def _grid(grid: int, steps: int | None) -> int:
     if steps is not None:
         if grid not in (None, 45) and int(grid) != int(steps):
             raise ValueError(f"sampler.steps={steps} (deprecated alias of sampler.grid) contradicts sampler.grid={grid}")
-        log.warning("ccsr_truncated: sampler.steps is the grid size, not executed steps; it is renamed "
-                    "sampler.grid (sampler.steps=%s read as sampler.grid=%s)", steps, steps)
+        if int(steps) not in _WARNED_STEPS:  # once per value and process, not at every sampling call
+            _WARNED_STEPS.add(int(steps))
+            log.warning("ccsr_truncated: sampler.steps is the grid size, not executed steps; it is renamed "
+                        "sampler.grid (sampler.steps=%s read as sampler.grid=%s)", steps, steps)
         return int(steps)
     return int(grid)
 
