@@ -1,8 +1,8 @@
 """Parameter counts of every control branch of an adapter at SD 2.1-base's real shape, with no weights.
 
-The UNet and VAE are built from SD 2.1-base's architecture on PyTorch's ``meta`` device (no memory, no
-download, about a second on a CPU), the adapter's branches are built on them, and the script prints, per
-branch, the trainable and total parameters. It is how sr_lab's ClearSR compares with the paper's
+The UNet and VAE are SD 2.1-base's architecture (``backbone=sd21_shape``) built on PyTorch's ``meta``
+device (no memory, no download, seconds on a CPU), the adapter's branches are built on them, and the
+script prints, per branch, the trainable and total parameters. It is how sr_lab's ClearSR compares with the paper's
 "Trainable Param (M)" (ClearSR paper 003, App. E, Table 5: 525 M) and how a new branch's size is checked
 before anyone trains it. CLIP towers cannot be built on ``meta`` by open_clip, so an image-prompt branch is
 built with the tiny CLIP and its projection is counted at the configured model's embedding width.
@@ -19,22 +19,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-SD21_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
-                 attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
-SD21_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
-
-
 def count(module: torch.nn.Module, trainable: bool) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
 
 
 def main(overrides: list[str]) -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
+    from sr_lab.models.backbone import build_sd21_shape
     from sr_lab.train import CONF_DIR
 
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="adapter_params"):
@@ -47,9 +37,9 @@ def main(overrides: list[str]) -> None:
 
             clip_width[name] = int(open_clip.get_model_config(node.model)["embed_dim"])
             node.tiny, node.allow_random_init = True, True
+    bb = build_sd21_shape(device="meta")  # backbone=sd21_shape without weights
+    unet, vae = bb.unet, bb.vae
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD21_UNET)
-        vae = AutoencoderKL(**SD21_VAE)
         runner = instantiate(cfg.adapter)(unet, vae=vae)
     print(f"SD 2.1-base shape (meta device): UNet {count(unet, False) / 1e6:.1f} M, "
           f"VAE {count(vae, False) / 1e6:.1f} M")

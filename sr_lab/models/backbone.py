@@ -162,6 +162,61 @@ def build_tiny(seed: int = 0, dtype: str = "float32", channels: Sequence[int] = 
     return bb.to(DTYPES[dtype])
 
 
+#: Stable Diffusion 2.1-base's architecture (the diffusers configs of stabilityai/stable-diffusion-2-1-base):
+#: UNet 865.9 M, VAE 83.7 M, OpenCLIP ViT-H text tower 340.4 M (23 of its 24 layers: SD 2.x conditions on the
+#: penultimate layer, followed by the final layer norm, as diffusers' converted text encoder).
+SD21_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=1024,
+                 attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+SD21_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=768, scaling_factor=0.18215)
+SD21_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                 num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+                 bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+
+
+def check_sd21_shape_config(cfg, error: type[Exception]) -> None:
+    """``backbone=sd21_shape`` is for speed and memory checks: training on its random weights is refused
+    unless ``backbone.allow_training=true`` (a pipeline or scaling test that knows the results mean nothing)."""
+    from omegaconf import OmegaConf
+
+    fit = OmegaConf.select(cfg, "run_mode", default="fit") == "fit"
+    if fit and not bool(OmegaConf.select(cfg, "backbone.allow_training", default=False)):
+        raise error("backbone=sd21_shape has random weights (SD 2.1-base's shape, for benchmarks and memory "
+                    "checks): training it teaches nothing; use backbone=sd21_base backbone.path=<weights>, or "
+                    "backbone.allow_training=true for a scaling test")
+    device = OmegaConf.select(cfg, "backbone.device", default="cpu")
+    if str(device) == "meta":
+        raise error("backbone.device=meta builds no weights (parameter counts only): it cannot run a stage")
+
+
+@backbone_builder("sd21_shape", random_weights=True, validate_config=check_sd21_shape_config)
+def build_sd21_shape(seed: int = 0, dtype: str = "float32", device: str = "cpu",
+                     allow_training: bool = False) -> Backbone:
+    """SD 2.1-base's exact architecture (:data:`SD21_UNET`, :data:`SD21_VAE`, :data:`SD21_TEXT`) with seeded
+    random weights, offline, in ``dtype``: speed and memory do not depend on weight values, so benchmarks
+    and memory checks run at the real shape without the weights. ``device="meta"`` builds it without
+    memory (parameter counts, e.g. ``benchmarks/adapter_params.py``); ``cuda`` builds it on the GPU
+    directly. ``allow_training`` is read by the config check only."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def build(make):
+        with torch.device(device):
+            return _seeded(seed, make) if device != "meta" else make()
+
+    unet = build(lambda: UNet2DConditionModel(**SD21_UNET))
+    vae = build(lambda: AutoencoderKL(**SD21_VAE))
+    text = build(lambda: CLIPTextModel(CLIPTextConfig(**SD21_TEXT)))
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                          beta_schedule="scaled_linear")
+    bb = Backbone(unet, vae, PromptEncoder(open_clip_tokenizer(77), text), sched.alphas_cumprod, name="sd21_shape")
+    return bb.to(DTYPES[dtype]) if device != "meta" else bb
+
+
 def looks_like_local_path(path: str) -> bool:
     """A hub id is ``owner/name``; anything absolute, relative-dotted, ``~`` or existing is local."""
     p = str(path)
