@@ -36,19 +36,25 @@ MODES = ("auto", "bar", "log", "none")
 DESCRIPTION = "Iterations"
 
 
-def resolve_mode(setting: Any, isatty: Callable[[], bool] | None = None) -> str:
-    """``train.progress`` -> ``bar`` | ``log`` | ``none`` (``auto``: ``bar`` on a terminal, else ``log``)."""
+def stream_isatty(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal (False for a replaced or closed stream)."""
+    try:
+        return bool(stream.isatty())
+    except Exception:  # noqa: BLE001 - closed / replaced streams
+        return False
+
+
+def resolve_mode(setting: Any, isatty: Callable[[], bool] | None = None, key: str = "train.progress") -> str:
+    """A progress setting -> ``bar`` | ``log`` | ``none``: ``auto`` (or ``true``) is ``bar`` when ``isatty()``
+    (default: stdout is a terminal), else ``log``; ``false`` / ``null`` is ``none``."""
+    if setting is True:
+        setting = "auto"
     mode = "none" if setting is None or setting is False else str(setting).strip().lower()
     if mode not in MODES:
-        raise ValueError(f"train.progress={setting} must be one of {', '.join(MODES)}")
+        raise ValueError(f"{key}={setting} must be one of {', '.join(MODES)}")
     if mode == "auto":
-        if isatty is None:
-            def isatty() -> bool:
-                try:
-                    return sys.stdout.isatty()
-                except (AttributeError, ValueError):  # replaced or closed stream
-                    return False
-        mode = "bar" if isatty() else "log"
+        tty = isatty() if isatty is not None else stream_isatty(sys.stdout)
+        mode = "bar" if tty else "log"
     return mode
 
 

@@ -625,3 +625,23 @@ def test_infer_clearsr_and_clearsr_star_then_eval_over_seeds(clearsr_run, lr_hr,
         assert m["g_std"] is not None and m["g_std"] >= 0
     assert summary["metrics"]["psnr"]["g_std"] > 0  # the seeds differ
     assert summary["stability"]["l_std"] > 0
+
+
+def test_a_rebuilt_condition_reuses_the_gradient_free_entries(monkeypatch):
+    """Per loss part only the LoRA encoder's latent is rebuilt (it carries gradients); the CLIP image
+    embedding of the first part is reused, not recomputed."""
+    from sr_lab.models.backbone import build_tiny
+
+    bb = build_tiny()
+    runner, _ = _runner(bb)
+    clip = runner.branches["image_prompt"].clip
+    calls = []
+    original = type(clip).forward
+    monkeypatch.setattr(type(clip), "forward", lambda self, x: calls.append(1) or original(self, x))
+    lr = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    first = runner.condition(bb, lr, (64, 64))
+    second = runner.condition(bb, lr, (64, 64), reuse=first)
+    assert len(calls) == 1
+    assert second["image_context"] is first["image_context"]
+    assert second["lr_latent"] is not first["lr_latent"] and second["lr_latent"].requires_grad
+    assert torch.equal(second["lr_latent"], first["lr_latent"])

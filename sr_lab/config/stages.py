@@ -73,7 +73,7 @@ def validate_stage_keys(cfg: DictConfig, error: type[Exception]) -> None:
         if value in (None, "", "???"):
             raise error(f"{key} is required: the run folder, export folder (or .ckpt) of {what}, "
                         f"e.g. {key}=outputs/<task>/<date>")
-        from sr_lab.modules.stage_io import describe_stage_path
+        from sr_lab.modules.stage_io import describe_stage_path, unreadable_stage_files
 
         reason = describe_stage_path(value) or unreadable_stage_files(value)
         if reason:
@@ -96,51 +96,6 @@ def validate_stage_keys(cfg: DictConfig, error: type[Exception]) -> None:
     check_data = declared(cfg, "data", "validate_config")
     if check_data is not None:  # the data module's own keys (e.g. latent records: records.*, data.records_dir)
         check_data(cfg, error)
-
-
-def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-
-
-def unreadable_stage_files(source: Any) -> str | None:
-    """``None`` if the stage files at ``source`` (which :func:`describe_stage_path` accepted) can be
-    opened, else one line naming the file that is wrong. Cheap: no tensor is loaded — an export's
-    ``config.yaml`` is parsed and its weights file's safetensors header read; a ``.ckpt`` must be a
-    readable PyTorch zip archive."""
-    from pathlib import Path
-
-    from sr_lab.modules.stage_io import EMA_FILE, _resolve
-
-    p = _resolve(source)
-    if p.is_dir():
-        cfg_file, weights = p / "config.yaml", p / "trainable.safetensors"
-        named = Path(str(source)).expanduser()
-        if named.is_file() and named.suffix == ".safetensors":
-            weights = named
-        elif (p / EMA_FILE).is_file():  # what load_frozen_stage reads (ema=True)
-            weights = p / EMA_FILE
-        try:
-            cfg = OmegaConf.load(cfg_file)
-        except Exception as exc:  # noqa: BLE001 - unparsable yaml
-            return f"{cfg_file} cannot be read: {_short(exc)}"
-        if not isinstance(cfg, DictConfig) or "module" not in cfg:
-            return f"{cfg_file} is not a stored stage config (no module section)"
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(weights), framework="pt") as f:
-                f.keys()
-        except Exception as exc:  # noqa: BLE001 - corrupt / truncated header
-            return f"{weights} cannot be read: {_short(exc)}"
-        return None
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(p) as z:
-            z.namelist()
-    except Exception as exc:  # noqa: BLE001 - not a zip (torch.save) archive, or truncated
-        return f"{p} cannot be read as a PyTorch checkpoint: {_short(exc)}"
-    return None
 
 
 def _check_perceptual(cfg: DictConfig, error: type[Exception]) -> None:

@@ -30,23 +30,13 @@ __all__ = ["MODES", "InferenceProgress", "format_seconds", "resolve_mode"]
 MODES = (True, False, "auto", "bar", "log", "none")
 
 
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except Exception:  # noqa: BLE001 - closed / replaced streams
-        return False
-
-
 def resolve_mode(setting: Any) -> str:
     """``bar`` | ``log`` | ``off`` for a ``progress`` setting (``true``/``auto``: a bar only when stdout
-    and stderr are terminals)."""
-    if setting is None or setting is False or setting == "none":
-        return "off"
-    if setting is True or setting == "auto":
-        return "bar" if _isatty(sys.stdout) and _isatty(sys.stderr) else "log"
-    if setting in ("bar", "log"):
-        return str(setting)
-    raise ValueError(f"progress={setting!r} must be true / auto, false / none, bar or log")
+    and stderr are terminals, since tqdm draws on stderr); :func:`sr_lab.progress.resolve_mode`."""
+    from sr_lab.progress import resolve_mode as resolve, stream_isatty
+
+    mode = resolve(setting, isatty=lambda: stream_isatty(sys.stdout) and stream_isatty(sys.stderr), key="progress")
+    return "off" if mode == "none" else mode
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -79,11 +79,16 @@ class ControlledUNet(nn.Module):
         bs = list(self.branches.values())
         return [b for b in bs if b.owns_condition] + [b for b in bs if not b.owns_condition]
 
-    def condition(self, backbone, lr01: torch.Tensor, hr_size: tuple[int, int]) -> dict:
-        """The branches' conditions for LR images in [0, 1] (plus ``lr_image``)."""
+    def condition(self, backbone, lr01: torch.Tensor, hr_size: tuple[int, int], reuse: dict | None = None) -> dict:
+        """The branches' conditions for LR images in [0, 1] (plus ``lr_image``). ``reuse``: a condition of
+        the same images built before (an earlier loss part's): only the branches whose condition carries
+        gradients are rebuilt, the others' entries (e.g. a CLIP image embedding) are taken from it."""
         cond: dict = {}
         for b in self._condition_order():
             if all(k in cond for k in b.condition_keys):
+                continue
+            if reuse is not None and not b.condition_requires_grad and all(k in reuse for k in b.condition_keys):
+                cond.update({k: reuse[k] for k in b.condition_keys})
                 continue
             cond.update(b.condition(backbone, lr01, hr_size))
         cond[LR_IMAGE_KEY] = upsample_to(lr01, hr_size).detach()

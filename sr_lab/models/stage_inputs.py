@@ -34,9 +34,9 @@ IMAGE_CONTEXT_KEY = "image_context"
 
 def build_condition(backbone, runner, lr01: torch.Tensor, hr_size: tuple[int, int],
                     prompts: str | Sequence[str], *, negative_prompts: str | Sequence[str] | None = None,
-                    image_context: torch.Tensor | None = None) -> dict:
+                    image_context: torch.Tensor | None = None, reuse: dict | None = None) -> dict:
     b = lr01.shape[0]
-    cond = runner.condition(backbone, lr01, tuple(hr_size))
+    cond = runner.condition(backbone, lr01, tuple(hr_size), reuse=reuse)
     cond["context"] = backbone.prompt_embedding(prompts, b)
     if negative_prompts is not None:
         cond[UNCOND_KEY] = backbone.prompt_embedding(negative_prompts, b)

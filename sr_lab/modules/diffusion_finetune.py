@@ -99,16 +99,19 @@ class DiffusionAdapterFinetune(ManualOptimization, TrainableOnlyCheckpoint, pl.L
 
     def prepare(self, lr: torch.Tensor, hr_size: tuple[int, int], prompts: str | Sequence[str] | None = None,
                 start: str | None = None, generator=None, hr: torch.Tensor | None = None,
-                negative_prompts: str | Sequence[str] | None = None) -> tuple[dict, torch.Tensor | None]:
+                negative_prompts: str | Sequence[str] | None = None,
+                reuse: dict | None = None) -> tuple[dict, torch.Tensor | None]:
         """(condition, x_T) for LR images in [0, 1] (:mod:`sr_lab.models.stage_inputs`): the runner's
         branch conditions, ``context`` (``prompts``: one per row or one for all; default: this stage's
         prompt source), the negative prompt's context for CFG, and — when ``generator`` is given — the
         starting latent for ``start`` (default: the stage's own, e.g. StableSR's noised LR latent).
         Tensors in the condition whose last two dims equal the latent's (or a multiple) are spatial
-        (tiling crops them); ``context`` is not."""
+        (tiling crops them); ``context`` is not. ``reuse``: an earlier condition of the same batch whose
+        gradient-free branch entries are kept (only gradient-carrying ones are rebuilt)."""
         if prompts is None:
             prompts = self.prompt_source(lr, hr)
-        cond = build_condition(self.backbone, self.adapter, lr, hr_size, prompts, negative_prompts=negative_prompts)
+        cond = build_condition(self.backbone, self.adapter, lr, hr_size, prompts, negative_prompts=negative_prompts,
+                               reuse=reuse)
         if generator is None:
             return cond, None
         return cond, start_latent(self.backbone, cond, start or self.start, generator, hr01=hr)
@@ -158,7 +161,11 @@ class DiffusionAdapterFinetune(ManualOptimization, TrainableOnlyCheckpoint, pl.L
         alternate = self.optimizer_mode == "alternate"
         terms: dict[str, torch.Tensor] = {}
         for i, part in enumerate(self.loss.parts()):
-            part_cond = self.prepare(lr, tuple(hr.shape[-2:]))[0] if fresh_condition else cond
+            if fresh_condition:  # rebuilt for this part's graph; gradient-free entries come from the first part's
+                part_cond = self.prepare(lr, tuple(hr.shape[-2:]), reuse=cond)[0]
+                cond = cond if cond is not None else part_cond
+            else:
+                part_cond = cond
             values = part(self.denoise, x0, part_cond, self.backbone.alphas_cumprod, gen)
             terms.update(values)
             if alternate:

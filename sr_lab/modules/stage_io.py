@@ -29,6 +29,7 @@ allow-listed sr_lab class or function (:mod:`sr_lab.config.safe_instantiate`); a
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,7 +41,8 @@ from sr_lab.config.safe_instantiate import UnsafeTarget, check_targets, safe_ins
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA_FILE", "EMA_STATE_KEY", "StageLoadError", "StageSource", "describe_stage_path", "read_stage_source",
+__all__ = ["EMA_FILE", "EMA_STATE_KEY", "StageLoadError", "StageSource", "describe_stage_path",
+           "unreadable_stage_files", "read_stage_source",
            "build_stage", "load_stage", "load_frozen_stage", "stored_config_file"]
 
 EMA_FILE = "trainable_ema.safetensors"  # the EMA weights next to trainable.safetensors in an export
@@ -104,6 +106,45 @@ def describe_stage_path(path: str | Path) -> str | None:
         return f"{p} lacks {' and '.join(missing)} ({HOW})" if missing else None
     if p.suffix != ".ckpt":
         return f"{p} is neither a run/export folder, a trainable.safetensors nor a .ckpt file"
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def unreadable_stage_files(source: str | Path) -> str | None:
+    """``None`` if the stage files at ``source`` (which :func:`describe_stage_path` accepted) can be
+    opened, else one line naming the file that is wrong. Cheap: no tensor is loaded — an export's
+    ``config.yaml`` is parsed and its weights file's safetensors header read; a ``.ckpt`` must be a
+    readable PyTorch zip archive."""
+    p = _resolve(source)
+    if p.is_dir():
+        cfg_file, weights = p / "config.yaml", p / "trainable.safetensors"
+        named = Path(str(source)).expanduser()
+        if named.is_file() and named.suffix == ".safetensors":
+            weights = named
+        elif (p / EMA_FILE).is_file():  # what load_frozen_stage reads (ema=True)
+            weights = p / EMA_FILE
+        try:
+            cfg = OmegaConf.load(cfg_file)
+        except Exception as exc:  # noqa: BLE001 - unparsable yaml
+            return f"{cfg_file} cannot be read: {_short(exc)}"
+        if not isinstance(cfg, DictConfig) or "module" not in cfg:
+            return f"{cfg_file} is not a stored stage config (no module section)"
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - corrupt / truncated header
+            return f"{weights} cannot be read: {_short(exc)}"
+        return None
+    try:
+        with zipfile.ZipFile(p) as z:
+            z.namelist()
+    except Exception as exc:  # noqa: BLE001 - not a zip (torch.save) archive, or truncated
+        return f"{p} cannot be read as a PyTorch checkpoint: {_short(exc)}"
     return None
 
 
