@@ -16,7 +16,7 @@ float or a per-sample float tensor (B,).
 Why not ``kornia.enhance.jpeg_codec_differentiable`` (spec §3.1): it always uses the polynomial
 rounding ``round(x) + (x - round(x))^3``, a differentiable floor and soft [1, 255] clip of the
 scaled tables (libjpeg-like), antialiased-bilinear chroma downsampling and bilinear upsampling,
-replicate padding to 16, and does not clip its output to [0, 1]; it is therefore not BasicSR's
+replicate padding to 16, and a hard [0, 1] clamp inside its YCbCr -> RGB (kornia 0.9.0); it is therefore not BasicSR's
 DiffJPEG, which the Real-ESRGAN/StableSR/CCSR training pipelines use.
 
 Layout note: BasicSR stores the luma table *transposed* relative to Annex K (``y_table = ... .T``)

@@ -18,7 +18,7 @@ from .jpeg import diff_jpeg
 from .kernels import KERNEL_TYPES, build_final_sinc_kernels, build_mixed_kernels, sample_final_sinc_params, sample_mixed_kernel_params
 from .noise import add_gaussian_noise, add_poisson_noise
 
-__all__ = ["RealESRGANDegradation", "DegradationParams", "StageChoice", "RESIZE_MODES"]
+__all__ = ["RealESRGANDegradation", "DegradationParams", "StageChoice", "RESIZE_MODES", "finalize_lr", "undegraded_lr"]
 
 #: Interpolation modes drawn uniformly for every resize (BasicSR ``random.choice``; spec §1.3).
 RESIZE_MODES = ("area", "bilinear", "bicubic")
@@ -133,6 +133,32 @@ def _mode(u: float) -> str:
     return RESIZE_MODES[min(int(u * len(RESIZE_MODES)), len(RESIZE_MODES) - 1)]
 
 
+def finalize_lr(lr: Tensor, hw: tuple[int, int], round_lr: bool, resize_lr_to_hr: bool) -> Tensor:
+    """Step 9 of spec §1.3 (clamp, optional 8-bit rounding) and the optional bicubic upsampling to ``hw``.
+
+    With ``resize_lr_to_hr`` the upsampling precedes clamp + rounding when ``round_lr`` (CCSR), otherwise
+    it is clamp -> upsample -> clamp (StableSR).
+    """
+    if not round_lr:
+        lr = torch.clamp(lr, 0, 1)
+    if resize_lr_to_hr:
+        lr = F.interpolate(lr, size=hw, mode="bicubic")
+    lr = torch.clamp(lr, 0, 1)
+    if round_lr:
+        lr = torch.round(lr * 255.0) / 255.0
+    return lr
+
+
+def undegraded_lr(target: Tensor, hw: tuple[int, int], scale: int, round_lr: bool, resize_lr_to_hr: bool) -> Tensor:
+    """LR of the no-degradation branch (StableSR): the target itself, or its antialiased bicubic downscale."""
+    if resize_lr_to_hr:
+        lr = target
+    else:
+        lr = F.interpolate(target, size=(hw[0] // scale, hw[1] // scale), mode="bicubic", antialias=True)
+    lr = torch.clamp(lr, 0, 1)
+    return torch.round(lr * 255.0) / 255.0 if round_lr else lr
+
+
 class RealESRGANDegradation(nn.Module):
     """Real-ESRGAN second-order degradation (Wang et al. 2021; BasicSR); spec §1.2-1.4, steps 0-9 of §1.3.
 
@@ -161,8 +187,8 @@ class RealESRGANDegradation(nn.Module):
     sample (then stages 1-8 run sample by sample, since sizes differ).
 
     Known differences from the reference: steps 10-11 are not done here (paired random crop lives
-    in the data module; there is no training-pair queue — its decorrelation purpose is served by
-    ``per_sample=True``); random streams are torch's, not numpy's; DiffJPEG at quality exactly 100
+    in the data module; the training-pair queue is the data module's ``data.pair_pool_size``
+    (:mod:`sr_lab.data.pair_pool`), and ``per_sample=True`` decorrelates a batch without it); random streams are torch's, not numpy's; DiffJPEG at quality exactly 100
     skips quantisation instead of producing NaN (it is not the identity: the 4:2:0 chroma step and the
     output clamp remain).
     """
@@ -349,24 +375,10 @@ class RealESRGANDegradation(nn.Module):
         return out
 
     def _finalize(self, lr: Tensor, hw: tuple[int, int]) -> Tensor:
-        """Step 9 (clamp, optional 8-bit rounding) and the optional bicubic upsampling to the HR size."""
-        if not self.round_lr:
-            lr = torch.clamp(lr, 0, 1)
-        if self.resize_lr_to_hr:
-            lr = F.interpolate(lr, size=hw, mode="bicubic")
-        lr = torch.clamp(lr, 0, 1)
-        if self.round_lr:
-            lr = torch.round(lr * 255.0) / 255.0
-        return lr
+        return finalize_lr(lr, hw, self.round_lr, self.resize_lr_to_hr)
 
     def _undegraded(self, target: Tensor, hw: tuple[int, int]) -> Tensor:
-        """LR for the no-degradation branch (StableSR): the target itself, or its antialiased bicubic downscale."""
-        if self.resize_lr_to_hr:
-            lr = target
-        else:
-            lr = F.interpolate(target, size=(hw[0] // self.scale, hw[1] // self.scale), mode="bicubic", antialias=True)
-        lr = torch.clamp(lr, 0, 1)
-        return torch.round(lr * 255.0) / 255.0 if self.round_lr else lr
+        return undegraded_lr(target, hw, self.scale, self.round_lr, self.resize_lr_to_hr)
 
     def degrade(self, hr: Tensor, params: DegradationParams, generator: torch.Generator) -> dict[str, Tensor]:
         """Apply the degradation described by ``params`` (from :meth:`sample_params`) to ``hr``.

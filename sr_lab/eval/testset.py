@@ -17,7 +17,8 @@ Reproducibility: the crop of pair (i, j) (image i, crop j) comes from
 images, and the same seed, inputs and device give identical files. Output: ``HR/<name>.png``,
 ``LR/<name>.png`` (same names, so they pair by stem) and ``manifest.json`` (seed, the resolved
 degradation config, every pair's source, crop box, sizes, derived seeds and drawn per-image choices
-or BSRGAN op trace, skipped inputs, versions).
+(Real-ESRGAN) or op trace (``{"trace": deg.last_traces[0]}`` for any degradation that keeps a
+``last_traces`` list, e.g. BSRGAN), skipped inputs, versions).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sr_lab.config.validation import ConfigError
 from sr_lab.train import CONF_DIR
@@ -130,9 +131,12 @@ def _jsonable(obj):
 
 
 def _degrade(deg, hr: torch.Tensor, g: torch.Generator) -> tuple[dict, dict]:
-    """Run the degradation on one (1, 3, H, W) image; also return what it drew (for the manifest)."""
+    """Run the degradation on one (1, 3, H, W) image; also return what it drew (for the manifest).
+
+    Real-ESRGAN: the drawn per-image choices. Any other degradation ``deg(hr, generator)`` that keeps a
+    ``last_traces`` attribute (a list, one JSON-able entry per image of its last call: BSRGAN's op trace,
+    or any module that offers one) gets ``{"trace": last_traces[0]}``; one without records nothing."""
     from sr_lab.degradation import RealESRGANDegradation
-    from sr_lab.degradation.bsrgan import BSRGANDegradation
 
     if isinstance(deg, RealESRGANDegradation):
         params = deg.sample_params(1, g)
@@ -143,9 +147,15 @@ def _degrade(deg, hr: torch.Tensor, g: torch.Generator) -> tuple[dict, dict]:
                  **{k: float(getattr(params, k)[0]) for k in ("sigma1", "gray1", "poisson_scale1", "jpeg_quality1",
                                                                "sigma2", "gray2", "poisson_scale2", "jpeg_quality2")}}
         return out, drawn
+    if hasattr(deg, "last_traces"):  # not a trace of an earlier call, should this one not set it
+        try:
+            deg.last_traces = []
+        except AttributeError:  # a read-only property: the module keeps it current itself
+            pass
     out = deg(hr, g)
-    if isinstance(deg, BSRGANDegradation):
-        return out, {"trace": _jsonable(deg.last_traces[0])}
+    traces = getattr(deg, "last_traces", None)
+    if isinstance(traces, (list, tuple)) and len(traces) == hr.shape[0]:
+        return out, {"trace": _jsonable(traces[0])}
     return out, {}
 
 
@@ -169,12 +179,18 @@ def make_testset(cfg: DictConfig) -> Path:
         remove_stale_temps(d)
     device = torch.device("cuda" if str(cfg.device) == "auto" and torch.cuda.is_available() else
                           ("cpu" if str(cfg.device) == "auto" else str(cfg.device)))
+    forced = {}
+    if "resize_lr_to_hr" in cfg.degradation:  # LR at 1/upscale size; only where the degradation has the option
+        with open_dict(cfg.degradation):
+            cfg.degradation.resize_lr_to_hr = False
+        forced["resize_lr_to_hr"] = False
     try:
         deg = hydra.utils.instantiate(cfg.degradation).to(device)
     except Exception as exc:  # the degradation classes validate their arguments (ValueError naming it)
         raise ConfigError(f"degradation: {exc.__cause__ or exc}") from None
     if hasattr(deg, "resize_lr_to_hr"):
         deg.resize_lr_to_hr = False
+        forced["resize_lr_to_hr"] = False
     up, size, seed = int(cfg.upscale), cfg.get("crop_size"), int(cfg.seed)
     pairs, skipped = [], []
     for i, (src, stem) in enumerate(zip(files, _names(files))):
@@ -213,7 +229,7 @@ def make_testset(cfg: DictConfig) -> Path:
         "seed": seed, "upscale": up, "crop_size": size, "crop": str(cfg.crop),
         "crops_per_image": int(cfg.crops_per_image), "hr_target": str(cfg.hr_target),
         "degradation": OmegaConf.to_container(cfg.degradation, resolve=True),
-        "degradation_forced": {"resize_lr_to_hr": False},
+        "degradation_forced": forced,
         "device": str(device), "versions": {"sr_lab": sr_lab.__version__, "torch": torch.__version__},
         "hr_dirs": OmegaConf.to_container(cfg.hr_dirs) if OmegaConf.is_config(cfg.get("hr_dirs")) else cfg.get("hr_dirs"),
         "pairs": pairs, "skipped": skipped,
