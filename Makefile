@@ -9,7 +9,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train infer eval testset collect test test-slow bench-degradation bench-inference bench-latents bench-params lint clean
+.PHONY: help install train infer eval testset degradation-sheet pretrain-tiny collect test test-slow bench bench-degradation bench-inference bench-latents bench-params lint clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -34,6 +34,12 @@ eval: $(STAMP) ## score SR vs HR (+ inference with N seeds): make eval ARGS="sr_
 testset: $(STAMP) ## synthetic HR/LR test set: make testset ARGS="hr_dirs=<dir> degradation=stablesr|bsrgan out_dir=<dir>"
 	$(BIN)/python -m sr_lab.eval.testset $(ARGS)
 
+pretrain-tiny: $(STAMP) ## train the tiny VAE + UNet from scratch on scikit-image's photos (<= 30 min CPU): make pretrain-tiny ARGS="--threads 1 | --minutes-budget 30"
+	$(BIN)/python -m sr_lab.pretrain.tiny $(ARGS)
+
+degradation-sheet: $(STAMP) ## render a degradation contact sheet: make degradation-sheet ARGS="degradation=realesrgan_motion"
+	$(BIN)/sr-degradation-sheet $(ARGS)
+
 collect: $(STAMP) ## collect an eval sweep into a table + perception-distortion plot: make collect DIR=multirun/eval/<date>
 	$(BIN)/python -m sr_lab.eval.collect $(DIR) $(ARGS)
 
@@ -42,6 +48,9 @@ test: $(STAMP) ## run the test suite (CPU, no downloads; slow tests excluded)
 
 test-slow: $(STAMP) ## run only the tests marked slow
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP) ## inference + training + degradation benchmarks on this device (CUDA: ~10 min; CPU: ARGS=--quick) -> benchmarks/results/
+	PY=$(BIN)/python bash benchmarks/run_all.sh $(ARGS)
 
 bench-degradation: $(STAMP) ## print degradation pairs/s (batch 16, 512 crops) on this machine's device
 	$(BIN)/python benchmarks/degradation.py $(ARGS)

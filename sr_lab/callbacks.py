@@ -96,3 +96,26 @@ class DataSkipReport(pl.Callback):
 
         atomic_write_text(path, "".join(f"{_one_line(p)}\t{_one_line(r)}\n" for p, r in skipped.items()))
         log.info("%d HR file(s) were not used; list: %s", len(skipped), path)
+
+
+class CompileStage(pl.Callback):
+    """``speed.compile``: ``torch.compile`` the stage's UNet and per-step branch networks
+    (:func:`sr_lab.models.speed.compile_stage`) once the strategy has moved the model to its device and wrapped
+    it (DDP / FSDP): Lightning calls ``on_fit_start`` / ``on_predict_start`` after that. Compiles once."""
+
+    def __init__(self, speed):
+        self.speed = speed
+        self.compiled: list[str] | None = None
+
+    def _compile(self, pl_module: pl.LightningModule) -> None:
+        if self.compiled is None:
+            from sr_lab.models.speed import compile_stage
+
+            self.compiled = compile_stage(pl_module, self.speed)
+            log.info("speed: compiled %s", ", ".join(self.compiled) or "nothing")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._compile(pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._compile(pl_module)

@@ -196,6 +196,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                               f"{type(module).__name__}, not an sr_lab stage (sr_lab.modules.protocol."
                               f"TrainableStage): it lacks {lacks}")
         module.configure_run(accumulate, OmegaConf.to_container(cfg, resolve=True))  # config: stored in checkpoints
+        apply_speed_switches(cfg, module, trainer)
         steps_per_iter = module.optimizer_steps_per_iteration
         trainer.fit_loop.epoch_loop.max_steps = int(cfg.train.iterations) * steps_per_iter
         trainer.val_check_interval = int(cfg.train.val_every) * accumulate  # in batches
@@ -222,6 +223,29 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return metrics
     finally:
         finish_loggers(loggers, status)
+
+
+# --- speed ---------------------------------------------------------------------------------------------
+
+
+def apply_speed_switches(cfg: DictConfig, module, trainer) -> None:
+    """``speed:`` (:mod:`sr_lab.models.speed`) on the built stage, before Lightning wraps it: frozen dtype,
+    channels_last, SDPA now; ``torch.compile`` after the strategy has placed (and wrapped) the model
+    (:class:`sr_lab.callbacks.CompileStage`, ``on_fit_start`` / ``on_predict_start``)."""
+    from sr_lab.models.speed import SpeedConfig, apply_speed
+
+    try:
+        speed = SpeedConfig.from_config(cfg.get("speed"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    sharded = "fsdp" in type(trainer.strategy).__name__.lower()
+    report = apply_speed(module, speed, precision=str(OmegaConf.select(cfg, "trainer.precision", default="32")),
+                         compile=False, sharded=sharded)
+    log.info("speed: %s", report.summary())
+    if speed.compile:
+        from sr_lab.callbacks import CompileStage
+
+        trainer.callbacks.append(CompileStage(speed))
 
 
 # --- progress ------------------------------------------------------------------------------------------

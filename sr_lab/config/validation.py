@@ -137,6 +137,10 @@ def validate_config(cfg: DictConfig) -> None:
     prec = str(_get(cfg, "trainer.precision"))
     if prec not in PRECISIONS:
         raise ConfigError(f"trainer.precision={prec} must be one of {sorted(PRECISIONS)}")
+    strategy = _get(cfg, "trainer.strategy")
+    strategy = _get(cfg, "trainer.strategy._target_", "") if isinstance(strategy, DictConfig) else strategy
+    check_speed_config(cfg, "trainer.precision", sharded="fsdp" in str(strategy or "").lower(),
+                       training=_get(cfg, "run_mode", "fit") == "fit")
 
     check_backbone = declared(cfg, "backbone", "validate_config")
     if check_backbone is not None:  # e.g. load_pretrained: a local backbone.path is a full diffusers folder
@@ -145,7 +149,7 @@ def validate_config(cfg: DictConfig) -> None:
     from sr_lab.config.stages import needs_hr_folders, validate_stage_keys
 
     validate_stage_keys(cfg, ConfigError)  # run_mode, stage1, decoder-GAN and the data module's own keys
-    for key in ("prompt", "discriminator"):  # components that need weights declare their own check
+    for key in ("prompt", "discriminator", "degradation"):  # components declare their own checks (weights, steps)
         check = declared(cfg, key, "validate_config") if _get(cfg, key) is not None else None
         if check is not None:
             check(cfg, ConfigError)
@@ -171,6 +175,23 @@ def validate_config(cfg: DictConfig) -> None:
     ckpt = _get(cfg, "ckpt_path")
     if ckpt is not None and not Path(str(ckpt)).is_file():
         raise ConfigError(f"ckpt_path={ckpt} is not a file")
+
+
+def check_speed_config(cfg: DictConfig, precision_key: str, sharded: bool = False, training: bool = False) -> None:
+    """The ``speed:`` block (:mod:`sr_lab.models.speed`), against the run's precision at ``precision_key``
+    (``trainer.precision`` / inference ``precision``), FSDP (``sharded``) and a backward pass (``training``);
+    absent = the defaults."""
+    from sr_lab.models.speed import speed_config_problem
+
+    speed = _get(cfg, "speed")
+    if speed is None:
+        return
+    if not isinstance(speed, DictConfig):
+        raise ConfigError(f"speed={speed} must be a mapping of switches (conf/train.yaml speed:)")
+    problem = speed_config_problem(OmegaConf.to_container(speed, resolve=True), _get(cfg, precision_key, "32"),
+                                   sharded, precision_key=precision_key, training=training)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_image_folders(key: str, dirs: Any, crop: int) -> None:

@@ -17,6 +17,12 @@ Distributed (DDP) slicing: with ``world_size`` W, one optimisation step consumes
 ``batch_size * W`` consecutive counters; rank ``r`` reads counters ``start + k*W + r`` (k = 0, 1, ...),
 so ranks read disjoint interleaved slices whose union is the consecutive block. ``consumed_samples``
 advances by ``batch_size * W`` per training batch on every rank (it is identical on all ranks).
+
+Training-pair pool (``pair_pool_size > 0``, off by default): Real-ESRGAN's queue (BasicSR
+``RealESRGANModel._dequeue_and_enqueue``, :mod:`sr_lab.data.pair_pool`) after the degradation of every
+training batch; its permutation comes from ``(seed, "pair_pool", first counter, rank)`` and its contents
+are part of ``state_dict()`` (each rank's pool under DDP), so a resumed run still repeats an
+uninterrupted one exactly.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from sr_lab.utils.seeding import make_generator
 
 from .folder import HRFolderDataset
+from .pair_pool import PairPool, check_pool_size
 from .samples import find_images, sample_image_dir
 
 __all__ = ["SRDataModule", "CounterSampler", "collate_hr"]
@@ -114,11 +121,13 @@ def collate_hr(samples: list[dict]) -> dict:
 class _ResumableLoader(DataLoader):
     """Train DataLoader that exposes the datamodule's counter, so Lightning knows it resumes mid-epoch."""
 
+    # only the counter: the datamodule's own checkpoint entry carries the rest (e.g. the pair pool), which
+    # would otherwise be written twice
     def state_dict(self) -> dict:
-        return self.sr_datamodule.state_dict()
+        return {"consumed_samples": int(self.sr_datamodule.consumed_samples)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sr_datamodule.load_state_dict(state)
+        self.sr_datamodule.consumed_samples = int(state["consumed_samples"])
 
 
 class SRDataModule(LightningDataModule):
@@ -144,6 +153,10 @@ class SRDataModule(LightningDataModule):
         degradation: ``degradation(hr, generator) -> {"hr", "lr"}`` on the device.
         val_degradation: for validation/test/predict batches; ``None`` -> ``degradation``.
         crop_multiple: required divisor of ``crop_size`` (VAE factor x SR scale).
+        pair_pool_size: Real-ESRGAN's training-pair pool (BasicSR ``queue_size``, x4plus 180) applied to
+            training batches after the degradation; a multiple of ``batch_size``; 0 = off (the default).
+            A full pool is saved in checkpoints: ``pair_pool_size`` x (HR + LR) float32, e.g. about 0.6 GB
+            for 180 pairs at 512 crops with a x4 LR (1.1 GB when the LR is resized back to the HR size).
 
     Declared for the config check (:mod:`sr_lab.config.validation`, read from the class, nothing built):
     ``needs_hr_folders`` (``data.hr_dirs`` / the sample photos are probed), ``reads_latent_records`` and
@@ -157,6 +170,12 @@ class SRDataModule(LightningDataModule):
     def validate_config(cls, cfg: Any, error: type[Exception]) -> None:
         """Check this data module's own keys of the composed ``cfg``; raise ``error`` (one line naming the
         key). The HR folders themselves are probed by the shared check (``needs_hr_folders``)."""
+        from omegaconf import OmegaConf
+
+        size = OmegaConf.select(cfg, "data.pair_pool_size", default=0)
+        why = check_pool_size(size, OmegaConf.select(cfg, "data.batch_size", default=None))
+        if why:
+            raise error(f"data.pair_pool_size={size} {why}")
 
     def __init__(
         self,
@@ -175,6 +194,7 @@ class SRDataModule(LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         crop_multiple: int = 32,
+        pair_pool_size: int = 0,
     ):
         super().__init__()
         if not isinstance(crop_multiple, int) or crop_multiple < 1:
@@ -189,6 +209,9 @@ class SRDataModule(LightningDataModule):
                 raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        why = check_pool_size(pair_pool_size, batch_size)
+        if why:
+            raise ValueError(f"pair_pool_size={pair_pool_size!r} {why}")
         self.hr_dirs, self.val_dirs = hr_dirs, val_dirs
         self.crop_size, self.batch_size, self.num_workers = crop_size, batch_size, num_workers
         self.num_val_images, self.val_batch_size = num_val_images, val_batch_size or batch_size
@@ -196,6 +219,7 @@ class SRDataModule(LightningDataModule):
         self.degradation, self.val_degradation = degradation, val_degradation
         self.pin_memory, self.persistent_workers = bool(pin_memory), bool(persistent_workers)
         self.consumed_samples = 0
+        self.pair_pool = PairPool(pair_pool_size, batch_size) if pair_pool_size else None
         self.train_dataset: HRFolderDataset | None = None
         self.val_dataset: HRFolderDataset | None = None
         self._load_failures: dict[str, str] = {}  # path -> reason, files that failed at load time (this process)
@@ -283,10 +307,12 @@ class SRDataModule(LightningDataModule):
         else:
             gen = make_generator(self.val_seed, "val", first, device=hr.device)
             deg = self.val_degradation or self.degradation
-        if deg is None:
-            return {"hr": hr, "index": index}
-        out = deg(hr, gen)
-        return {"hr": out["hr"], "lr": out["lr"], "index": index}
+        with torch.autocast(hr.device.type, enabled=False):  # the degradation runs in float32, never autocast
+            out = {"hr": hr, "index": index} if deg is None else {**deg(hr.float(), gen), "index": index}
+        out = {k: out[k] for k in ("hr", "lr", "index") if k in out}
+        if training and self.pair_pool is not None:
+            out = self.pair_pool(out, make_generator(self.seed, "pair_pool", first, rank, device=hr.device))
+        return out
 
     def _note_skipped(self, skipped: Any, ds: HRFolderDataset | None) -> None:
         """Record the files of a batch that failed at load time (each distinct file once, one warning each)."""
@@ -329,7 +355,37 @@ class SRDataModule(LightningDataModule):
 
     # ---- checkpoint state ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed_samples": int(self.consumed_samples)}
+        """``{"consumed_samples"}``, plus ``"pair_pool"`` when the pool is on: ``{"world_size", "ranks"}`` with
+        every rank's pool (gathered under DDP; Lightning writes rank 0's copy of the checkpoint)."""
+        state: dict[str, Any] = {"consumed_samples": int(self.consumed_samples)}
+        if self.pair_pool is not None:
+            own = self.pair_pool.state_dict()
+            _, ws, _ = self._context()
+            ranks = [own]
+            if ws > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+                ranks = [None] * ws
+                torch.distributed.all_gather_object(ranks, own)
+            state["pair_pool"] = {"world_size": len(ranks), "ranks": ranks}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.consumed_samples = int(state_dict["consumed_samples"])
+        if self.pair_pool is None:
+            return
+        saved = state_dict.get("pair_pool")
+        _, ws, rank = self._context()
+        pool, mine, why = self.pair_pool, None, None
+        if saved is None:
+            why = "the checkpoint has no pair pool"
+        elif int(saved["world_size"]) != ws:
+            why = f"the checkpoint's pools are for {saved['world_size']} process(es), this run has {ws}"
+        else:
+            mine = saved["ranks"][rank]
+            if (int(mine["size"]), int(mine["batch_size"])) != (pool.size, pool.batch_size):
+                why = f"the checkpoint's pool holds {mine['size']} pairs in batches of {mine['batch_size']}"
+        if why is not None:
+            log.warning("data.pair_pool_size=%d: %s; the pool starts empty (the run does not repeat an "
+                        "uninterrupted one exactly)", pool.size, why)
+            pool.load_state_dict({"size": pool.size, "batch_size": pool.batch_size, "filled": 0, "tensors": {}})
+            return
+        self.pair_pool.load_state_dict(mine)

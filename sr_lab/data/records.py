@@ -214,7 +214,8 @@ class RecordSourceDataModule(SRDataModule):
         first = int(batch["first_index"])
         self._note_skipped(batch.get("skipped", []), self.train_dataset)
         gen = make_generator(self.seed, "records", first, device=hr.device)  # rank-independent
-        out = self.degradation(hr, gen) if self.degradation is not None else {"hr": hr, "lr": hr}
+        with torch.autocast(hr.device.type, enabled=False):  # the degradation runs in float32, never autocast
+            out = self.degradation(hr.float(), gen) if self.degradation is not None else {"hr": hr, "lr": hr}
         return {"hr": out["hr"], "lr": out["lr"], "index": batch["index"]}
 
 

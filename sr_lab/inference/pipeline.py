@@ -101,6 +101,9 @@ class SRPipeline:
         color_fix: none | adain | wavelet; wavelet_levels: l of StableSR Eq. 3.
         tile, vae_tile: :class:`TileSettings`, :class:`VAETileSettings`.
         precision: "32" or "bf16" (autocast).
+        speed: speed switches (:class:`sr_lab.models.speed.SpeedConfig` or its keys) applied to the stage (and,
+            without compiling, the decoder stage) here, for ``precision``; ``None`` (default): none, the stage
+            is used as it is. :attr:`speed_report` says what changed.
         seed_batch: seeds per sampling call (None = all at once).
         progress: ``False``; ``True`` / ``"bar"`` / ``"log"``: progress of each call (total: images ×
             seeds × model calls, :mod:`sr_lab.inference.progress`); or an
@@ -111,7 +114,7 @@ class SRPipeline:
                  upscale: int = 4, start: str | None = None, cfg_scale: float = 1.0, negative_prompt: str = "",
                  prompt: str | None = None, color_fix: str = "none", wavelet_levels: int = 5,
                  tile: TileSettings | None = None, vae_tile: VAETileSettings | None = None,
-                 precision: str = "32", seed_batch: int | None = None, progress=False):
+                 precision: str = "32", seed_batch: int | None = None, progress=False, speed=None):
         if start is not None and start not in STARTS:
             raise ValueError(f"start={start!r} must be one of {STARTS} (or None: the stage's own)")
         if color_fix not in COLOR_FIX_METHODS:
@@ -131,6 +134,16 @@ class SRPipeline:
         self.tile = tile or TileSettings()
         self.vae_tile = vae_tile or VAETileSettings()
         self.precision, self.seed_batch, self.progress = str(precision), seed_batch, progress
+        self.speed = self.speed_report = None
+        if speed is not None:
+            from dataclasses import replace
+
+            from sr_lab.models.speed import SpeedConfig, apply_speed
+
+            self.speed = SpeedConfig.from_config(speed)
+            self.speed_report = apply_speed(stage, self.speed, precision=self.precision)
+            if decoder_stage is not None and decoder_stage is not stage:
+                apply_speed(decoder_stage, replace(self.speed, compile=False), precision=self.precision)
 
     # -- helpers ----------------------------------------------------------------------------------
     @property
@@ -178,10 +191,13 @@ class SRPipeline:
             up = F.pad(up, (0, pw, 0, ph), mode=mode)
         return up, size
 
-    def _model(self, reporter) -> Callable:
+    def _model(self, reporter, latent: torch.Tensor | None = None) -> Callable:
         model = classifier_free_guidance(self.stage.denoise, self.cfg_scale)
         if self.tile.enabled:
-            model = TiledModel(model, self.tile.size, self.tile.overlap, self.tile.batch)
+            static = self.speed is not None and self.speed.compile  # one tile-batch shape: compiled once
+            model = TiledModel(model, self.tile.size, self.tile.overlap, self.tile.batch, static_batch=static)
+            if latent is not None:  # tile layout and weights on the device before the sampler's loop
+                model.layout(latent.shape[-2], latent.shape[-1], latent.device, torch.float32)
         return _StepCounter(model, reporter.model_call) if reporter is not None else model
 
     def _reporter(self, images: int, seeds: Sequence[int]):
@@ -239,7 +255,7 @@ class SRPipeline:
                 if reporter is not None:
                     reporter.begin_chunk(chunk, b)
                 with self._autocast():
-                    x0 = self.sampler(self._model(reporter), x_t, cond_n, abar, generator=gens)
+                    x0 = self.sampler(self._model(reporter, x_t), x_t, cond_n, abar, generator=gens)
                 for k in range(n):  # decode one seed (B images) at a time
                     with self._autocast():
                         sr = self._decode(x0[k * b:(k + 1) * b].float(), up).float()

@@ -174,6 +174,9 @@ def validate_infer_config(cfg: DictConfig) -> None:
         raise ConfigError(f"seed_batch={sb} must be a positive integer or null (all seeds at once)")
     if str(_get(cfg, "precision")) not in PRECISIONS:
         raise ConfigError(f"precision={_get(cfg, 'precision')} must be one of {list(PRECISIONS)}")
+    from sr_lab.config.validation import check_speed_config
+
+    check_speed_config(cfg, "precision")
     dev = str(_get(cfg, "device"))
     if dev not in ("auto", "cpu") and not (dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"device={dev} must be auto, cpu, cuda or cuda:N")
@@ -423,7 +426,9 @@ def run_inference(cfg: DictConfig) -> Path:
         tile=TileSettings(bool(cfg.tile.enabled), int(cfg.tile.size), int(cfg.tile.overlap),
                           int(cfg.tile.get("batch", 4))),
         vae_tile=VAETileSettings(bool(cfg.vae_tile.enabled), int(cfg.vae_tile.size), int(cfg.vae_tile.overlap)),
-        precision=str(cfg.precision), seed_batch=cfg.get("seed_batch"))
+        precision=str(cfg.precision), seed_batch=cfg.get("seed_batch"), speed=cfg.get("speed"))
+    if pipe.speed_report is not None:
+        log.info("speed: %s", pipe.speed_report.summary())
     load_s = time.perf_counter() - t_start
     log.info("stage %s (%s) on %s; sampler %s; %d inputs x %d seeds -> %s", src.path, type(stage).__name__,
              device, sampler_cfg, len(inputs), len(seeds), out_dir)

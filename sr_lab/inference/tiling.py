@@ -167,16 +167,19 @@ class TiledModel:
     ``tile_size``/``overlap`` are in latent pixels (authors: 64 = 512 px tiles, overlap 32);
     ``tile_batch`` tiles are stacked into one model call. ``centre`` selects the Gaussian weight map
     (:func:`gaussian_weights`): ``"symmetric"`` (default) or ``"authors"`` (StableSR's map as written,
-    rows centred at H/2).
+    rows centred at H/2). ``static_batch``: when the tiles take several calls, the last call is padded to
+    ``tile_batch`` tiles (copies of its last tile, their outputs dropped), so every call has one shape and a
+    compiled model (``speed.compile``) compiles once; the result is the same.
     """
 
     def __init__(self, model: Callable, tile_size: int = 64, overlap: int = 32, tile_batch: int = 4,
-                 var: float = 0.01, centre: str = "symmetric"):
+                 var: float = 0.01, centre: str = "symmetric", static_batch: bool = False):
         tile_starts(tile_size + 1, tile_size, overlap)  # validates
         if tile_batch < 1:
             raise ValueError(f"tile_batch={tile_batch} must be >= 1")
         self.model, self.tile_size, self.overlap = model, int(tile_size), int(overlap)
         self.tile_batch, self.var, self.centre = int(tile_batch), float(var), _check_centre(centre)
+        self.static_batch = bool(static_batch)
         self._cache: dict = {}
 
     def layout(self, height: int, width: int, device, dtype) -> tuple[list[Box], torch.Tensor, torch.Tensor]:
@@ -192,11 +195,13 @@ class TiledModel:
         b, _, height, width = x.shape
         boxes, w, total = self.layout(height, width, x.device, torch.float32)
         out = None
+        pad = self.static_batch and len(boxes) > self.tile_batch
         for i in range(0, len(boxes), self.tile_batch):
             chunk = boxes[i:i + self.tile_batch]
-            xs = torch.cat([x[..., y:y + th, x0:x0 + tw] for y, x0, th, tw in chunk])
-            ts = torch.cat([t] * len(chunk)) if t.ndim else t
-            eps = self.model(xs, ts, crop_condition(cond, chunk, b, height, width)).float()
+            run = chunk + [chunk[-1]] * (self.tile_batch - len(chunk)) if pad else chunk
+            xs = torch.cat([x[..., y:y + th, x0:x0 + tw] for y, x0, th, tw in run])
+            ts = torch.cat([t] * len(run)) if t.ndim else t
+            eps = self.model(xs, ts, crop_condition(cond, run, b, height, width)).float()
             if out is None:
                 out = torch.zeros(b, eps.shape[1], height, width, device=x.device, dtype=torch.float32)
             for j, (y, x0, th, tw) in enumerate(chunk):

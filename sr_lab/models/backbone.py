@@ -70,19 +70,30 @@ class Backbone(nn.Module):
         return super().train(False)
 
     # -- VAE -------------------------------------------------------------------------------------
+    def _vae_input_dtype(self, *parts: str) -> torch.dtype:
+        """The dtype of the first of the VAE's ``parts`` that has weights (encoder and decoder may differ when
+        the frozen VAE is bf16 and a stage keeps its decoder float32, :mod:`sr_lab.models.speed`)."""
+        for name in parts:
+            p = next(getattr(self.vae, name).parameters(), None) if getattr(self.vae, name, None) is not None else None
+            if p is not None:
+                return p.dtype
+        return self.vae.dtype
+
     @torch.no_grad()
     def encode(self, image01: torch.Tensor, generator: torch.Generator | None = None,
                sample: bool = False) -> torch.Tensor:
         """Image in [0, 1] -> scaled latent. ``sample`` draws from the posterior (LDM's HR latents);
         otherwise its mode (CCSR's LR condition encoder uses the mode)."""
-        x = image01.to(self.vae.dtype) * 2 - 1
+        # [0, 1] -> [-1, 1] in float32, then the encoder's dtype (a bf16 frozen VAE: sr_lab.models.speed)
+        x = (image01.float() * 2 - 1).to(self._vae_input_dtype("encoder"))
         dist = self.vae.encode(x).latent_dist
         z = dist.sample(generator=generator) if sample else dist.mode()
         return z.float() * self.latent_scale
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Scaled latent -> image in [0, 1] (clamped)."""
-        x = self.vae.decode(latent.to(self.vae.dtype) / self.latent_scale).sample
+        z = (latent.float() / self.latent_scale).to(self._vae_input_dtype("post_quant_conv", "decoder"))  # fp32 scaling
+        x = self.vae.decode(z).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     # -- prompts ---------------------------------------------------------------------------------

@@ -74,6 +74,9 @@ class DecoderGANFinetune(ManualOptimization, TrainableOnlyCheckpoint, pl.Lightni
     (:data:`DEFAULT_OPTIMIZER`) with ``lr`` / ``betas`` / ``weight_decay`` where given."""
 
     capabilities = frozenset({"decoder"})  # a trained latent decoder (sr-infer decoder_checkpoint=)
+    # kept float32 when speed.frozen_dtype casts the frozen backbone (sr_lab.models.speed): the trained layers
+    # sit in (CFW) or replace (CCSR stage 2) the VAE decoder and are trained against its output
+    speed_fp32_modules = ("backbone.vae.decoder", "backbone.vae.post_quant_conv")
 
     def __init__(self, backbone: nn.Module, decoder: Callable | nn.Module, discriminator: nn.Module,
                  perceptual: Callable | nn.Module | None = None, latent_source: Callable | nn.Module | None = None,

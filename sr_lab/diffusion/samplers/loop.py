@@ -19,8 +19,11 @@ aggregation) see the rewritten condition of the whole latent and cut tiles from 
 hooks compose as a list (applied in order). ``callback(t, x0_hat)`` is an observer (progress,
 tests) with no return value.
 
-Host–device synchronisation: ᾱ values are read once as Python floats and timestep tensors are built
-once per call, so the loop issues no ``.item()`` on the device.
+Host–device synchronisation: ᾱ values are read once as Python floats (one device-to-host copy before the
+loop) and the timestep tensors (``(B,)`` int64, a fixed shape for ``torch.compile``) are built on the device
+once per call, so the loop body — model, step rules, hooks — reads nothing back from the device and copies
+nothing to it: no ``.item()`` / ``float()`` / ``int()`` / ``bool()`` / ``.tolist()`` / ``.cpu()`` of a tensor, no
+``torch.tensor(...)`` per step (``tests/test_speed.py`` runs every sampler and hook with those raising).
 """
 from __future__ import annotations
 

@@ -70,8 +70,9 @@ def ddim(x_t, eps, x0, abar_t: float, abar_s: float, generator, *, eta: float = 
 def renoise(x_t, eps, x0, abar_t: float, abar_s: float, generator) -> torch.Tensor:
     """x_s = √ᾱ_s x̂0 + √(1 − ᾱ_s) z with fresh z (CCSR Eq. 1 applied to x̂0); x_t is not used."""
     z = randn_like(x0, generator)
-    # ᾱ_s rounded to the latent's dtype first, as :func:`sr_lab.diffusion.schedule.q_sample` does
-    a = torch.tensor(abar_s, dtype=torch.float64, device=x0.device).to(x0.dtype)
+    # ᾱ_s rounded to the latent's dtype first, as :func:`sr_lab.diffusion.schedule.q_sample` does; the
+    # coefficients are 0-dim CPU tensors, which a device kernel takes by value (no per-step host->device copy)
+    a = torch.full((), abar_s, dtype=torch.float64).to(x0.dtype)
     return a.sqrt() * x0 + (1 - a).sqrt() * z
 
 

@@ -85,6 +85,11 @@ class ControlBranch(nn.Module):
         return set(self.state_dict().keys())
 
     # -- the UNet evaluation -----------------------------------------------------------------------
+    def step_modules(self) -> dict[str, nn.Module]:
+        """The networks this branch evaluates at every model call, by attribute name (what ``speed.compile``
+        compiles and ``speed.channels_last`` converts, :mod:`sr_lab.models.speed`); default none."""
+        return {}
+
     def residuals(self, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                   cond: dict) -> tuple[Sequence[torch.Tensor], torch.Tensor] | None:
         """ControlNet residuals ``(down, mid)`` for this evaluation, or ``None``."""

@@ -34,6 +34,9 @@ class ControlNetBranch(ControlBranch):
         return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(embedding_channels,),
                                          conditioning_channels=latent_channels)
 
+    def step_modules(self) -> dict[str, nn.Module]:
+        return {"controlnet": self.controlnet}
+
     def residuals(self, unet, x, t, context, cond):
         dtype = next(self.controlnet.parameters()).dtype
         down, mid = self.controlnet(x.to(dtype), t, encoder_hidden_states=context.to(dtype),

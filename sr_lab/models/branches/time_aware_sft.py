@@ -284,5 +284,8 @@ class TimeAwareSFTBranch(ControlBranch):
             raise
         return handles
 
+    def step_modules(self) -> dict[str, nn.Module]:
+        return {"encoder": self.encoder}  # the SFT layers run inside the UNet's hooks (traced with it)
+
     def attach(self, unet, x, t, context, cond) -> list:
         return self.attach_features(unet, self.encoder(cond[self.cond_key], t))
