@@ -238,7 +238,9 @@ def apply_speed_switches(cfg: DictConfig, module, trainer) -> None:
         speed = SpeedConfig.from_config(cfg.get("speed"))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    sharded = "fsdp" in type(trainer.strategy).__name__.lower()
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    sharded = isinstance(trainer.strategy, FSDPStrategy)
     report = apply_speed(module, speed, precision=str(OmegaConf.select(cfg, "trainer.precision", default="32")),
                          compile=False, sharded=sharded)
     log.info("speed: %s", report.summary())
