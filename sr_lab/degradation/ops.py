@@ -437,9 +437,6 @@ class JPEG(RangeOp):
     def fn(self, x, quality):
         return diff_jpeg(torch.clamp(x, 0, 1), quality)
 
-    def min_side(self):
-        return 1
-
 
 @register_op
 class Clamp(Op):
@@ -485,7 +482,8 @@ class MotionBlur(RangeOp):
         return _kornia("motion_blur")(x, length, angle, direction)
 
     def min_side(self):
-        return int(_odd(torch.tensor(self.range["length"][1])).item()) // 2 + 1
+        longest = 2 * math.floor(self.range["length"][1] / 2) + 1  # the longest odd length drawn (_odd)
+        return longest // 2 + 1
 
 
 @register_op

@@ -69,11 +69,9 @@ def sheet_size(n_tiles: int, cols: int, crop: int, gap: int) -> tuple[int, int]:
 
 def validate_sheet_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` (one line naming the key) on the first invalid value that needs no image."""
-    up = _get(cfg, "upscale")
-    if not (_int(up) and up >= 1):
-        raise ConfigError(f"upscale={up} must be a positive integer")
-    if not _int(_get(cfg, "seed")):
-        raise ConfigError(f"seed={_get(cfg, 'seed')} must be an integer")
+    from sr_lab.eval.testset import check_upscale_and_seed
+
+    up = check_upscale_and_seed(cfg)
     for key in ("seeds", "cols"):
         v = _get(cfg, key)
         if not (_int(v) and v >= 1):

@@ -54,13 +54,20 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def validate_testset_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` (one line naming the key) on the first invalid value."""
+def check_upscale_and_seed(cfg: DictConfig) -> int:
+    """Raise :class:`ConfigError` unless ``upscale`` is a positive int and ``seed`` an int; return ``upscale``
+    (shared by the CLIs that degrade sample crops: sr-make-testset, sr-degradation-sheet)."""
     up = _get(cfg, "upscale")
     if not (_int(up) and up >= 1):
         raise ConfigError(f"upscale={up} must be a positive integer")
     if not _int(_get(cfg, "seed")):
         raise ConfigError(f"seed={_get(cfg, 'seed')} must be an integer")
+    return up
+
+
+def validate_testset_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` (one line naming the key) on the first invalid value."""
+    up = check_upscale_and_seed(cfg)
     crop = _get(cfg, "crop_size")
     if crop is not None and not (_int(crop) and crop > 0 and crop % up == 0):
         raise ConfigError(f"crop_size={crop} must be null or a positive multiple of upscale={up}")
