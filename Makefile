@@ -9,7 +9,7 @@ ARGS   ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train infer eval testset degradation-sheet pretrain-tiny collect test test-slow bench bench-degradation bench-inference bench-latents bench-params lint clean
+.PHONY: help install train infer eval testset degradation-sheet pretrain-tiny collect test test-slow bench bench-degradation bench-inference bench-latents bench-params reproduce toy-presets lint clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-18s %s\n", $$1, $$2}'
@@ -51,6 +51,12 @@ test-slow: $(STAMP) ## run only the tests marked slow
 
 bench: $(STAMP) ## inference + training + degradation benchmarks on this device (CUDA: ~10 min; CPU: ARGS=--quick) -> benchmarks/results/
 	PY=$(BIN)/python bash benchmarks/run_all.sh $(ARGS)
+
+reproduce: $(STAMP) ## train the toy stages, run the papers' ablations, table -> benchmarks/results/reproduce/ (CPU < 1 h; ARGS="--quick | --only 1,3 | --fresh | --device cuda")
+	$(BIN)/python benchmarks/reproduce.py $(ARGS)
+
+toy-presets: $(STAMP) ## every preset's default toy run, val PSNR-Y vs bicubic -> benchmarks/results/toy_presets/ (CPU ~20 min)
+	$(BIN)/python benchmarks/toy_presets.py $(ARGS)
 
 bench-degradation: $(STAMP) ## print degradation pairs/s (batch 16, 512 crops) on this machine's device
 	$(BIN)/python benchmarks/degradation.py $(ARGS)

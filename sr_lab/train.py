@@ -219,6 +219,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
                                         ema=ema_cb.export_state(module) if ema_cb is not None else None)
                 log.info("trainable weights: %s", path)
             atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+            if "val/psnr_y" in metrics:
+                bicubic = metrics.get("val/psnr_y_bicubic")
+                log.info("last validation: PSNR-Y %.2f dB%s (%s)", metrics["val/psnr_y"],
+                         f" vs bicubic {bicubic:.2f} dB" if bicubic is not None else "", out_dir / "metrics.json")
         status = "success"
         return metrics
     finally:

@@ -44,7 +44,7 @@ def _check_mini(cfg, error):
         raise error("backbone.width is required by the mini backbone")
 
 
-@backbone_builder("mini", random_weights=True, validate_config=_check_mini)
+@backbone_builder("mini", toy=True, validate_config=_check_mini)
 def build_mini(width: int = 8):  # never called: declarations are read from the imported function
     raise AssertionError("a config check must not build the backbone")
 
@@ -129,7 +129,7 @@ def test_a_new_backbone_builder_runs_its_own_check_and_names_itself(tmp_path, mo
     assert _backbone_name(OmegaConf.create({})) is None
 
 
-def test_random_weights_is_a_declaration_of_the_builder(tmp_path, tmp_path_factory, monkeypatch):
+def test_toy_is_a_declaration_of_the_builder(tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("SR_LAB_WEIGHTS", raising=False)
     records = fake_records(tmp_path_factory.mktemp("rec"))
@@ -160,7 +160,7 @@ def test_declarations_are_read_without_building_and_unknown_targets_declare_noth
                             "backbone": {"_target_": _target("build_mini")}})
     assert target_object(cfg, "data") is ShardReader  # imported, __init__ (which raises) never called
     assert target_object(cfg, "loss") is None and target_object(cfg, "schedule") is None
-    assert declared(cfg, "backbone", "random_weights") is True
+    assert declared(cfg, "backbone", "toy") is True
     assert declared(cfg, "loss", "required_schedule", "none") == "none"
 
 

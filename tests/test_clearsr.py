@@ -254,7 +254,7 @@ def clearsr_run(tmp_path_factory):
 
 def test_frozen_rebuild_gives_the_trained_eps_and_the_export_holds_only_trained_tensors(clearsr_run,
                                                                                        tiny_backbone):
-    from sr_lab.models.backbone import build_tiny
+    from sr_lab.models.backbone import build_tiny_trained
     from sr_lab.modules.stage_io import load_frozen_stage, load_stage
 
     assert math.isfinite(clearsr_run.metrics["train/loss"])
@@ -264,7 +264,7 @@ def test_frozen_rebuild_gives_the_trained_eps_and_the_export_holds_only_trained_
         cond = trained.prepare(lr, HR)[0]
         want = trained.denoise(x, t, cond)
         loaded, stored = load_stage(clearsr_run.export)
-        frozen = load_frozen_stage(clearsr_run.export, build_tiny(seed=0))
+        frozen = load_frozen_stage(clearsr_run.export, build_tiny_trained())  # the run's backbone, built anew
         assert stored.task_name == "clearsr"
         for m in (loaded, frozen):
             assert not any(p.requires_grad for p in m.parameters())

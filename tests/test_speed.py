@@ -260,8 +260,10 @@ def test_frozen_bf16_storage_keeps_fp32_where_it_matters(ccsr):
 
 
 def test_frozen_bf16_images_match_fp32_within_bf16_rounding(ccsr):
-    """bf16 storage under bf16 autocast vs float32: within a level on average, and no worse than bf16 autocast
-    with float32 storage (the path without the switch)."""
+    """bf16 storage under bf16 autocast vs float32: within a few levels on average, and no worse than bf16 autocast
+    with float32 storage (the path without the switch). Measured on the trained tiny prior (2 DDIM steps, CPU):
+    bf16 storage 0.0111 mean / 0.066 max, bf16 autocast with float32 storage 0.0109 / 0.073 — autocast itself
+    costs ~3 levels on average here (on random weights both were under one level)."""
     ref = _pipe(fresh(ccsr), tile=TileSettings(False))(_lr(), [0])
     autocast_only = _pipe(fresh(ccsr), tile=TileSettings(False), precision="bf16",
                           speed=SpeedConfig(frozen_dtype=None))(_lr(), [0])
@@ -270,7 +272,7 @@ def test_frozen_bf16_images_match_fp32_within_bf16_rounding(ccsr):
     stored = pipe(_lr(), [0])
     err, base = (stored - ref).abs(), (autocast_only - ref).abs()
     assert stored.dtype == torch.float32
-    assert err.mean() <= 4e-3 and err.max() <= 0.05, (err.mean(), err.max())
+    assert err.mean() <= 0.02 and err.max() <= 0.1, (err.mean(), err.max())
     assert err.mean() <= base.mean() + 1e-3, (err.mean(), base.mean())
 
 

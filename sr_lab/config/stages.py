@@ -11,7 +11,7 @@ Called by :func:`sr_lab.config.validation.validate_config`; every failure is a o
   and the error names the file that is wrong;
 * decoder stages: ``module.decoder.w`` / ``train_w`` in [0, 1], ``module.disc_start`` >= 0,
   ``module.disc_weight`` >= 0; the LPIPS weights exist, or ``perceptual.allow_random_init`` is set on
-  a backbone whose builder declares ``random_weights`` (``tiny``; never with a real one);
+  a toy backbone (its builder declares ``toy``: ``tiny``, ``tiny_random``; never with a real one);
 * the data module's own keys: its class's ``validate_config(cfg, error)`` classmethod, e.g. latent
   records (:mod:`sr_lab.data.records`): ``records.shard_size`` a multiple of ``data.batch_size``; the
   CFW stage's ``records.dir`` holds shards.
@@ -42,9 +42,9 @@ def _mentions(container: Any, needle: str) -> bool:
     return isinstance(container, str) and needle in container
 
 
-def _random_weights(cfg: DictConfig) -> bool:
-    """The backbone builder declares ``random_weights`` (smoke-run backbones such as ``tiny``)."""
-    return bool(declared(cfg, "backbone", "random_weights", False))
+def _toy_backbone(cfg: DictConfig) -> bool:
+    """The backbone builder declares ``toy`` (toy backbones such as ``tiny``, ``tiny_random``)."""
+    return bool(declared(cfg, "backbone", "toy", False))
 
 
 def is_records_data(cfg: DictConfig) -> bool:
@@ -105,7 +105,7 @@ def _check_perceptual(cfg: DictConfig, error: type[Exception]) -> None:
         return
     allow = bool(OmegaConf.select(cfg, "module.perceptual.allow_random_init", default=False))
     if allow:
-        if not _random_weights(cfg):
+        if not _toy_backbone(cfg):
             raise error("perceptual.allow_random_init=true is only for smoke runs on backbone=tiny; put the "
                         "LPIPS VGG16 weights (vgg16-397923af.pth) in $SR_LAB_WEIGHTS or the torch hub cache")
         return
@@ -116,5 +116,5 @@ def _check_perceptual(cfg: DictConfig, error: type[Exception]) -> None:
     try:
         check_lpips_weights(folder)
     except MissingWeights as exc:
-        hint = " (or perceptual.allow_random_init=true for a smoke run on backbone=tiny)" if _random_weights(cfg) else ""
+        hint = " (or perceptual.allow_random_init=true for a smoke run on backbone=tiny)" if _toy_backbone(cfg) else ""
         raise error(f"perceptual: {exc}{hint}") from None

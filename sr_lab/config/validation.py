@@ -12,7 +12,7 @@ nothing is built) and the check reads what it declares —
 * a loss class: ``required_schedule`` (the schedule class it needs; ``None``: any) and
   ``required_schedule_message`` (the error when the configured schedule is not a subclass of it);
 * a backbone builder: ``validate_config(cfg, error)`` (e.g. the local-path checks of
-  :func:`~sr_lab.models.backbone.load_pretrained`), ``random_weights``, ``backbone_name``;
+  :func:`~sr_lab.models.backbone.load_pretrained`), ``toy``, ``backbone_name``;
 * a data module class: ``needs_hr_folders``, ``reads_latent_records`` and a
   ``validate_config(cfg, error)`` classmethod (see :mod:`sr_lab.config.stages`).
 

@@ -1,18 +1,22 @@
 """Frozen latent-diffusion backbones: UNet, VAE, prompt encoder and noise schedule.
 
-Two builders share one container:
+Builders sharing one container:
 
 * :func:`load_pretrained` — SD 2.1-base (or any SD-layout diffusers folder / hub id) through diffusers'
   ``from_pretrained``; fails at once, with what to download and where to point ``backbone.path``, when
   the weights are not reachable (no retry loops).
-* :func:`build_tiny` — the same diffusers classes from small configs with seeded random weights: the
-  offline embedded default. Its results mean "the pipeline runs", never "the method works".
+* :func:`build_tiny_trained` (``backbone=tiny``, the offline embedded default) — the same diffusers classes
+  from small configs with the weights ``make pretrain-tiny`` trained from scratch on scikit-image's photos
+  and shipped in the package: a toy prior that reconstructs and denoises photos (no claim about real images).
+* :func:`build_tiny` (``backbone=tiny_random``) — the same architecture with seeded random weights: its
+  results mean "the pipeline runs", never "the method works".
+* :func:`build_sd21_shape` — SD 2.1-base's exact architecture with random weights (speed and memory).
 
 The latent scale is read from the VAE config (0.18215 for SD 2.x), never hard-coded (methods.md).
 
 A builder declares what the config check needs to know, with :func:`backbone_builder` (read from the
 imported function, nothing built): ``backbone_name`` (the name when the config has no ``name`` key),
-``random_weights`` (a smoke-run backbone, e.g. ``tiny``) and ``validate_config(cfg, error)``.
+``toy`` (a toy backbone, ``tiny`` / ``tiny_random``: smoke-run allowances) and ``validate_config(cfg, error)``.
 """
 from __future__ import annotations
 
@@ -119,18 +123,19 @@ class Backbone(nn.Module):
         return emb
 
 
-def backbone_builder(name: str, *, random_weights: bool = False,
+def backbone_builder(name: str, *, toy: bool = False,
                      validate_config: Callable[..., None] | None = None) -> Callable[[Callable], Callable]:
     """Declare a backbone builder's capabilities on the function (``backbone._target_`` names it).
 
     ``name``: the backbone's name unless the config sets ``backbone.name`` (stage configs compare it);
-    ``random_weights``: the builder makes seeded random weights (smoke runs only); ``validate_config``:
+    ``toy``: a toy backbone (random weights, or the tiny prior trained here): smoke-run allowances such as a
+    random LPIPS trunk or discriminator feature network are accepted on it, never on a real one; ``validate_config``:
     ``(cfg, error) -> None``, checks ``cfg.backbone`` of the composed config before any model is built
     and raises ``error`` with one line naming the key.
     """
     def declare(fn: Callable) -> Callable:
         fn.backbone_name = name
-        fn.random_weights = bool(random_weights)
+        fn.toy = bool(toy)
         fn.validate_config = validate_config
         return fn
     return declare
@@ -142,12 +147,10 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
-@backbone_builder("tiny", random_weights=True)
-def build_tiny(seed: int = 0, dtype: str = "float32", channels: Sequence[int] = (32, 64, 64),
-               cross_attention_dim: int = 32, num_train_timesteps: int = 1000,
-               beta_start: float = 0.00085, beta_end: float = 0.012) -> Backbone:
-    """SD-shaped UNet/VAE/text encoder from small configs, random weights from ``seed``, offline."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+def _tiny_parts(seed: int, channels: Sequence[int], cross_attention_dim: int, scaling_factor: float = 0.18215):
+    """The tiny SD-shaped UNet, VAE and CLIP text encoder with seeded random weights (UNet ``seed``, VAE
+    ``seed + 1``, text encoder ``seed + 2``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     ch = tuple(int(c) for c in channels)
@@ -161,15 +164,77 @@ def build_tiny(seed: int = 0, dtype: str = "float32", channels: Sequence[int] = 
     vae = _seeded(seed + 1, lambda: AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
         block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215, sample_size=128))
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=float(scaling_factor), sample_size=128))
     text = _seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim,
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
         bos_token_id=49406, eos_token_id=49407, pad_token_id=0)))
-    sched = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
-                          beta_end=beta_end, beta_schedule="scaled_linear")
-    bb = Backbone(unet, vae, PromptEncoder(open_clip_tokenizer(77), text), sched.alphas_cumprod,
-                  name="tiny")
+    return unet, vae, text
+
+
+def _sd_schedule(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                 beta_end: float = 0.012) -> torch.Tensor:
+    """SD's "scaled_linear" training schedule as diffusers computes it: alphas_cumprod, length T."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                         beta_schedule="scaled_linear").alphas_cumprod
+
+
+@backbone_builder("tiny_random", toy=True)
+def build_tiny(seed: int = 0, dtype: str = "float32", channels: Sequence[int] = (32, 64, 64),
+               cross_attention_dim: int = 32, num_train_timesteps: int = 1000,
+               beta_start: float = 0.00085, beta_end: float = 0.012) -> Backbone:
+    """``backbone=tiny_random``: SD-shaped UNet/VAE/text encoder from small configs, random weights from
+    ``seed``, offline. Its results mean "the pipeline runs", never "the method works" (tests that pin exact
+    numbers, and the initialisation of ``make pretrain-tiny``)."""
+    unet, vae, text = _tiny_parts(seed, channels, cross_attention_dim)
+    bb = Backbone(unet, vae, PromptEncoder(open_clip_tokenizer(77), text),
+                  _sd_schedule(num_train_timesteps, beta_start, beta_end), name="tiny_random")
+    return bb.to(DTYPES[dtype])
+
+
+def check_tiny_trained_config(cfg, error: type[Exception]) -> None:
+    """Config check of :func:`build_tiny_trained`: the prior folder exists and holds a card (hashes are checked
+    when it is loaded)."""
+    from omegaconf import OmegaConf
+
+    path = OmegaConf.select(cfg, "backbone.path", default=None)
+    if path and not (Path(str(path)).expanduser() / "card.json").is_file():
+        raise error(f"backbone.path={path} is not a tiny prior folder (no card.json); make one with "
+                    f"`make pretrain-tiny ARGS=\"--out {path}\"` or leave backbone.path unset for the shipped prior")
+
+
+@backbone_builder("tiny", toy=True, validate_config=check_tiny_trained_config)
+def build_tiny_trained(path: str | None = None, dtype: str = "float32") -> Backbone:
+    """``backbone=tiny`` (the embedded default): the tiny architecture of :func:`build_tiny` with the weights
+    ``make pretrain-tiny`` trained from scratch on scikit-image's photos (:mod:`sr_lab.pretrain.tiny`), read
+    from ``path`` (a prior folder; ``None``: the one shipped in the package, ``sr_lab/assets/tiny_prior``).
+
+    The UNet and VAE weights are safetensors checked against the card's sha256; the VAE's latent scaling
+    factor is the card's (LDM's 1/std of the training latents, ~0.32, not SD's 0.18215); the text encoder is
+    the random one of ``build_tiny(card seed)`` (only the empty prompt's context was used in pretraining);
+    the noise schedule is the card's (SD's scaled-linear, T = 1000). A toy prior: it reconstructs and
+    denoises photos at small scale, with no claim about real-image quality."""
+    from sr_lab.pretrain.prior import DEFAULT_PRIOR_DIR, TinyPriorError, load_tiny_prior
+
+    folder = Path(path).expanduser() if path else DEFAULT_PRIOR_DIR
+    try:
+        unet_state, vae_state, card = load_tiny_prior(folder)
+    except TinyPriorError as exc:
+        raise BackboneUnavailable(f"backbone=tiny: {exc}") from exc
+    arch = card.get("architecture", {})
+    recipe = card.get("recipe", {})
+    unet, vae, text = _tiny_parts(int(card["seed"]), arch.get("channels", (32, 64, 64)),
+                                  int(arch.get("cross_attention_dim", 32)), float(card["scaling_factor"]))
+    for part, state, name in ((unet, unet_state, "unet"), (vae, vae_state, "vae")):
+        missing, unexpected = part.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BackboneUnavailable(f"backbone=tiny: {folder}/{name}.safetensors does not fit the tiny {name} "
+                                      f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    schedule = _sd_schedule(int(recipe.get("num_train_timesteps", 1000)), float(recipe.get("beta_start", 0.00085)),
+                            float(recipe.get("beta_end", 0.012)))
+    bb = Backbone(unet, vae, PromptEncoder(open_clip_tokenizer(77), text), schedule, name="tiny")
     return bb.to(DTYPES[dtype])
 
 
@@ -204,7 +269,7 @@ def check_sd21_shape_config(cfg, error: type[Exception]) -> None:
         raise error("backbone.device=meta builds no weights (parameter counts only): it cannot run a stage")
 
 
-@backbone_builder("sd21_shape", random_weights=True, validate_config=check_sd21_shape_config)
+@backbone_builder("sd21_shape", toy=True, validate_config=check_sd21_shape_config)
 def build_sd21_shape(seed: int = 0, dtype: str = "float32", device: str = "cpu",
                      allow_training: bool = False) -> Backbone:
     """SD 2.1-base's exact architecture (:data:`SD21_UNET`, :data:`SD21_VAE`, :data:`SD21_TEXT`) with seeded

@@ -574,8 +574,8 @@ class ProjectedDiscriminator(nn.Module):
     @classmethod
     def validate_config(cls, cfg, error: type[Exception], key: str = "discriminator") -> None:
         """Check the composed config's ``<key>`` node; raise ``error`` with one line. ``tiny`` /
-        ``allow_random_init`` only on a backbone that declares ``random_weights`` (``tiny``); otherwise the
-        weights of every network must be found (:func:`check_discriminator_weights`)."""
+        ``allow_random_init`` only on a toy backbone (its builder declares ``toy``: ``tiny``, ``tiny_random``);
+        otherwise the weights of every network must be found (:func:`check_discriminator_weights`)."""
         from omegaconf import OmegaConf
 
         from sr_lab.config.validation import declared
@@ -589,7 +589,7 @@ class ProjectedDiscriminator(nn.Module):
                 else getattr(node, name, default)
 
         tiny, allow = bool(get("tiny", False)), bool(get("allow_random_init", False))
-        if (tiny or allow) and not bool(declared(cfg, "backbone", "random_weights", False)):
+        if (tiny or allow) and not bool(declared(cfg, "backbone", "toy", False)):
             flag = "tiny" if tiny else "allow_random_init"
             raise error(f"{key}.{flag}=true is only for smoke runs on backbone=tiny; put the discriminator weights "
                         f"in $SR_LAB_WEIGHTS/<{'|'.join(s.folder for s in TRUNKS.values())}>/ or set {key}.weights")

@@ -298,14 +298,14 @@ class ClipTags:
     @classmethod
     def validate_config(cls, cfg: Any, error: type[Exception], key: str = "prompt") -> None:
         """Check the composed config's ``<key>`` node before any model is built; raise ``error`` with one
-        line. ``allow_random_init`` / ``tiny`` are accepted only on a backbone that declares
-        ``random_weights`` (``tiny``)."""
+        line. ``allow_random_init`` / ``tiny`` are accepted only on a toy backbone (its
+        builder declares ``toy``: ``tiny``, ``tiny_random``)."""
         from omegaconf import OmegaConf
 
         from sr_lab.config.validation import declared
 
         node = OmegaConf.select(cfg, key, default=None)
-        random_backbone = bool(declared(cfg, "backbone", "random_weights", False))
+        random_backbone = bool(declared(cfg, "backbone", "toy", False))
         check_smoke_flags(node, error, key, random_backbone)
         try:
             check_clip_tag_weights(node)

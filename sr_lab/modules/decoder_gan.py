@@ -236,8 +236,10 @@ class DecoderGANFinetune(ManualOptimization, TrainableOnlyCheckpoint, pl.Lightni
             latent, lr, hr = self.inputs(batch, gen)
             sr = self.decode_latent(latent, lr)
         b = hr.shape[0]
+        lr_up = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
         metrics = {"val/psnr_y": finite_mean(psnr_y(sr, hr, self.crop_border)),
-                   "val/ssim_y": float(ssim_y(sr, hr, self.crop_border).mean())}
+                   "val/ssim_y": float(ssim_y(sr, hr, self.crop_border).mean()),
+                   "val/psnr_y_bicubic": finite_mean(psnr_y(lr_up, hr, self.crop_border))}
         if self.perceptual is not None:
             metrics["val/lpips"] = float(self.perceptual(sr * 2 - 1, hr * 2 - 1).mean())
         if hasattr(self.decoder, "w") and self.decoder.w != 0:
@@ -246,8 +248,6 @@ class DecoderGANFinetune(ManualOptimization, TrainableOnlyCheckpoint, pl.Lightni
         self.log_dict(metrics, sync_dist=True, batch_size=b)
         if batch_idx == 0 and self.trainer is not None and self.val_grid_images > 0:
             n = min(b, self.val_grid_images)
-            lr_up = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic",
-                                                    align_corners=False).clamp(0, 1)
             log_image(self.trainer, "val/lr_sr_hr", make_grid_rows([[lr_up[i], sr[i], hr[i]] for i in range(n)]),
                       caption="LR (bicubic) | SR | HR")
 
