@@ -4,6 +4,7 @@ them: what ``make train EXP=<preset>`` reaches, as PSNR-Y of the validation SR n
 same LR/HR pairs (``metrics.json``: ``val/psnr_y``, ``val/psnr_y_bicubic``).
 
     python benchmarks/toy_presets.py [--presets ccsr_stage1 ccsr_stage2 ...] [--out DIR] [--threads 1] [--seed 0]
+    python benchmarks/toy_presets.py --collect DIR [DIR ...] [--out DIR]   # tabulate finished runs, no training
 
 Each preset is one ``python -m sr_lab.train`` process (one at a time; ``--threads`` torch/OpenMP threads:
 one is faster than two on a CPU shared with other jobs). Prints one table (markdown) and writes it with the
@@ -69,6 +70,11 @@ def run_preset(preset: str, runs: Path, seed: int, threads: int, extra: list[str
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
         row["error"] = tail[0][:300]
         return row
+    return read_run(row, out, runs)
+
+
+def read_run(row: dict, out: Path, runs: Path) -> dict:
+    """Add the finished run's schedule, metrics and last grid (from ``out``) to ``row``."""
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
     stored = out / ".hydra" / "config.yaml"
     if stored.is_file():
@@ -83,6 +89,32 @@ def run_preset(preset: str, runs: Path, seed: int, threads: int, extra: list[str
     grids = sorted((out / "csv").glob("version_*/images/val_lr_sr_hr_step*.png"))
     row["grid"] = str(grids[-1].relative_to(runs)) if grids else None
     return row
+
+
+def train_log_wall(out: Path) -> float | None:
+    """Seconds between the first and last timestamped line of ``<out>/train.log`` (``--collect``)."""
+    import re
+
+    stamps = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", (out / "train.log").read_text(), re.M) \
+        if (out / "train.log").is_file() else []
+    if len(stamps) < 2:
+        return None
+    first, last = (dt.datetime.strptime(x, "%Y-%m-%d %H:%M:%S") for x in (stamps[0], stamps[-1]))
+    return (last - first).total_seconds()
+
+
+def collect(folders: list[Path]) -> list[dict]:
+    """Rows of finished runs under ``<folder>/runs/<preset>/`` (several folders: e.g. two partial sweeps), in
+    chain order; a preset without a ``metrics.json`` is left out. Wall time from the run's train.log."""
+    rows = []
+    for preset in CHAIN:
+        for folder in folders:
+            out = folder / "runs" / preset
+            if (out / "metrics.json").is_file():
+                rows.append(read_run({"preset": preset, "returncode": 0, "wall_s": train_log_wall(out) or 0.0},
+                                     out, folder / "runs"))
+                break
+    return rows
 
 
 def fmt(v, spec=".2f") -> str:
@@ -114,7 +146,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--override", action="append", default=[], help="extra Hydra override for every preset")
+    ap.add_argument("--collect", type=Path, nargs="+", default=None,
+                    help="no training: tabulate the finished runs of these earlier --out folders")
     args = ap.parse_args(argv)
+    if args.collect:
+        rows = collect(args.collect)
+        md = (f"Collected from {', '.join(str(f) for f in args.collect)} ({machine()}); wall = first to last line "
+              f"of each run's train.log\n\n" + table(rows) + "\n")
+        print(md)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "toy_presets.md").write_text(md)
+            (args.out / "toy_presets.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+        return rows
     stamp = dt.datetime.now()
     out = args.out or ROOT / "benchmarks" / "results" / "toy_presets" / f"{stamp:%Y-%m-%d_%H%M}_{slug(machine())}"
     runs = out / "runs"
