@@ -305,8 +305,8 @@ class ClipTags:
         from sr_lab.config.validation import declared
 
         node = OmegaConf.select(cfg, key, default=None)
-        random_backbone = bool(declared(cfg, "backbone", "toy", False))
-        check_smoke_flags(node, error, key, random_backbone)
+        toy_backbone = bool(declared(cfg, "backbone", "toy", False))
+        check_smoke_flags(node, error, key, toy_backbone)
         try:
             check_clip_tag_weights(node)
         except (MissingWeights, ValueError) as exc:

@@ -109,5 +109,5 @@ class ImagePromptBranch(ControlBranch):
         tokens = OmegaConf.select(cfg, f"{key}.tokens", default=4)
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             raise error(f"{key}.tokens={tokens} must be a positive integer")
-        random_backbone = bool(declared(cfg, "backbone", "toy", False))
-        ClipImageEncoder.validate_config(OmegaConf.select(cfg, key), error, key, random_backbone=random_backbone)
+        toy_backbone = bool(declared(cfg, "backbone", "toy", False))
+        ClipImageEncoder.validate_config(OmegaConf.select(cfg, key), error, key, random_backbone=toy_backbone)
